@@ -1,0 +1,85 @@
+//! The one body type ehrgate passes around: a streamed peer body, a small complete one it
+//! made itself, or any other stream (events, rewritten pages). Streamed bodies are
+//! passed frame by frame and never collected whole.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::problem::BoxError;
+
+pub enum Body {
+    Empty,
+    Full(Option<Bytes>),
+    Incoming(Incoming),
+    Stream(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+impl Body {
+    pub fn empty() -> Self {
+        Body::Empty
+    }
+
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        if bytes.is_empty() {
+            Body::Empty
+        } else {
+            Body::Full(Some(bytes))
+        }
+    }
+
+    pub fn stream<B>(body: B) -> Self
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Body::Stream(body.map_err(Into::into).boxed_unsync())
+    }
+}
+
+impl From<Incoming> for Body {
+    fn from(b: Incoming) -> Self {
+        Body::Incoming(b)
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Body::Empty => Poll::Ready(None),
+            Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Body::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Body::Stream(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Empty => true,
+            Body::Full(data) => data.is_none(),
+            Body::Incoming(b) => b.is_end_stream(),
+            Body::Stream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Empty => SizeHint::with_exact(0),
+            Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Body::Incoming(b) => b.size_hint(),
+            Body::Stream(b) => b.size_hint(),
+        }
+    }
+}

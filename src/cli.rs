@@ -1,0 +1,160 @@
+//! The command line (DESIGN §3): `run`, `demo`, `check-config`.
+//!
+//! Exit codes: 0 after a clean stop or a valid configuration; 2 for a configuration
+//! error (one line naming the key); 1 when the server cannot start (e.g. a port in use).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{Config, LogFormat};
+use crate::server::{self, Prepared, StartError};
+use crate::telemetry;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ehrgate",
+    version,
+    about = "TLS reverse proxy linking a clinic's EMR session to its EHR viewer session"
+)]
+pub struct Cli {
+    /// Log format; overrides [log] format in the configuration.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormatArg>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(f: LogFormatArg) -> Self {
+        match f {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve with a configuration file.
+    Run {
+        #[arg(long, default_value = "config/ehrgate.toml")]
+        config: PathBuf,
+    },
+    /// Start the proxy with built-in demo EMR and viewer on loopback; needs no set-up.
+    Demo {
+        /// Where the proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+    },
+    /// Validate a configuration file and print the effective configuration.
+    CheckConfig {
+        #[arg(long, default_value = "config/ehrgate.toml")]
+        config: PathBuf,
+    },
+}
+
+pub fn main(cli: Cli) -> ExitCode {
+    let log_format = cli.log_format.map(LogFormat::from);
+    match cli.command {
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Run { config } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            telemetry::init(log_format.unwrap_or(config.log.format), &config.log.filter);
+            runtime().block_on(run(config))
+        }
+        Command::Demo { listen } => {
+            telemetry::init(log_format.unwrap_or_default(), "info");
+            runtime().block_on(crate::demo::run(listen))
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts")
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("ehrgate: {}: {e}", path.display());
+        ExitCode::from(2)
+    })
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let shown = config.to_effective_toml();
+    // Loads certificates, keys and CA bundles exactly as `run` would.
+    if let Err(e) = Prepared::new(config) {
+        eprintln!("ehrgate: {}: {e}", path.display());
+        return ExitCode::from(2);
+    }
+    print!("{shown}");
+    eprintln!("ehrgate: {}: configuration is valid", path.display());
+    ExitCode::SUCCESS
+}
+
+/// Serves until SIGTERM or SIGINT, then shuts down gracefully.
+pub async fn run(config: Config) -> ExitCode {
+    let running = match server::start(config).await {
+        Ok(r) => r,
+        Err(e) => return start_failed(e),
+    };
+    println!(
+        "ehrgate: serving https on {} (admin http on {})",
+        running.proxy_addr, running.admin_addr
+    );
+    wait_for_signal().await;
+    running.shutdown();
+    running.wait().await;
+    ExitCode::SUCCESS
+}
+
+pub fn start_failed(e: StartError) -> ExitCode {
+    eprintln!("ehrgate: {e}");
+    match e {
+        StartError::Config(_) => ExitCode::from(2),
+        StartError::Bind { .. } => ExitCode::from(1),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("signal received: shutting down");
+}

@@ -1,0 +1,28 @@
+//! ehrgate: a TLS reverse-proxy sidecar between clinicians' browsers, the clinic's EMR and
+//! the regional EHR viewer.
+//!
+//! Browsers talk only to ehrgate. It routes by host to the EMR or the viewer, turns the
+//! EMR's EHR button into an in-context launch, and keeps the viewer session alive exactly
+//! as long as the EMR session allows. The contract (command line, configuration,
+//! endpoints, cookies, audit record, security invariants) is `DESIGN.md`.
+//!
+//! Layout:
+//! - [`config`]: the configuration file and its validation.
+//! - [`tls`]: server and upstream TLS, and development key material.
+//! - [`server`]: listeners, connection limits, graceful shutdown.
+//! - [`proxy`]: one request's path through classify, filter, forward.
+//! - [`admin`]: health, readiness and metrics.
+//! - [`demo`]: `ehrgate demo`, the whole set-up on one machine.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod metrics;
+pub mod problem;
+pub mod proxy;
+pub mod server;
+pub mod telemetry;
+pub mod tls;

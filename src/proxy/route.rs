@@ -1,0 +1,217 @@
+//! Which origin a request is for, decided from its host and the TLS SNI, and which paths
+//! are ehrgate's own. Plain functions: no sockets, no state.
+
+use http::header::HOST;
+use http::{HeaderMap, StatusCode, Uri};
+
+use crate::problem::Problem;
+
+/// The two origins ehrgate serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Emr,
+    Ehr,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Emr => "emr",
+            Origin::Ehr => "ehr",
+        }
+    }
+
+    /// The name a clinician knows the system by.
+    pub fn display(self) -> &'static str {
+        match self {
+            Origin::Emr => "the EMR",
+            Origin::Ehr => "the EHR viewer",
+        }
+    }
+}
+
+/// The host a request names, as sent (port included): the URI's authority (HTTP/2, or an
+/// absolute-form HTTP/1.1 target), else the `Host` header.
+pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    match uri.authority() {
+        Some(a) => Some(a.as_str()),
+        None => headers.get(HOST).and_then(|v| v.to_str().ok()),
+    }
+}
+
+/// A host without its port (`[::1]:8443` → `[::1]`, `emr.x:8443` → `emr.x`).
+pub fn host_name(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+/// The port in a `Host` value, if any.
+pub fn host_port(host: &str) -> Option<u16> {
+    let rest = if host.starts_with('[') {
+        &host[host.find(']')? + 1..]
+    } else {
+        host.rfind(':').map_or("", |i| &host[i..])
+    };
+    rest.strip_prefix(':')?.parse().ok()
+}
+
+/// Routes by host, refusing with 421 a host that is neither origin or that disagrees
+/// with the SNI the TLS client sent.
+pub fn classify(
+    host: Option<&str>,
+    sni: Option<&str>,
+    emr_host: &str,
+    ehr_host: &str,
+) -> Result<Origin, Problem> {
+    let Some(host) = host else {
+        return Err(Problem::bad_request(
+            "The request names no host (no Host header or :authority).",
+        ));
+    };
+    let name = host_name(host).trim_end_matches('.');
+    if let Some(sni) = sni {
+        if !sni.trim_end_matches('.').eq_ignore_ascii_case(name) {
+            return Err(misdirected(
+                "The host this request names differs from the one the connection was opened for.",
+            ));
+        }
+    }
+    if name.eq_ignore_ascii_case(emr_host) {
+        Ok(Origin::Emr)
+    } else if name.eq_ignore_ascii_case(ehr_host) {
+        Ok(Origin::Ehr)
+    } else {
+        Err(misdirected("This server does not serve the host the request names."))
+    }
+}
+
+fn misdirected(detail: &'static str) -> Problem {
+    Problem::new(
+        StatusCode::MISDIRECTED_REQUEST,
+        "misdirected_request",
+        "Misdirected request",
+        detail,
+    )
+    .hint("Open the EMR or the EHR viewer from its usual address or bookmark.")
+}
+
+/// ehrgate's own path prefixes; never forwarded upstream.
+pub const OWN_PREFIX: &str = "/.ehrgate/";
+pub const WELL_KNOWN_PREFIX: &str = "/.well-known/ehrgate/";
+
+/// Whether a path is ehrgate's own. Percent-encoded and dot-segment spellings count too,
+/// since an upstream would decode them to the same place.
+pub fn is_own_path(path: &str) -> bool {
+    let plain = |p: &str| {
+        p.starts_with(OWN_PREFIX)
+            || p == "/.ehrgate"
+            || p.starts_with(WELL_KNOWN_PREFIX)
+            || p == "/.well-known/ehrgate"
+    };
+    if plain(path) {
+        return true;
+    }
+    let suspicious =
+        path.contains('%') || path.contains("/.") || path.contains("//") || path.contains('\\');
+    if !suspicious {
+        return false;
+    }
+    plain(&normalise_path(path))
+}
+
+/// Percent-decodes and removes dot segments and empty segments, for the check above only.
+fn normalise_path(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                decoded.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        decoded.push(bytes[i]);
+        i += 1;
+    }
+    let decoded = String::from_utf8_lossy(&decoded);
+    let mut out: Vec<&str> = Vec::new();
+    for seg in decoded.split(['/', '\\']) {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut p = String::from("/");
+    p.push_str(&out.join("/"));
+    if decoded.ends_with('/') && !out.is_empty() {
+        p.push('/');
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EMR: &str = "emr.clinic.example";
+    const EHR: &str = "ehr.clinic.example";
+
+    #[test]
+    fn routes_by_host_ignoring_case_port_and_trailing_dot() {
+        assert_eq!(classify(Some("emr.clinic.example"), None, EMR, EHR).unwrap(), Origin::Emr);
+        assert_eq!(classify(Some("EHR.Clinic.Example:8443"), None, EMR, EHR).unwrap(), Origin::Ehr);
+        assert_eq!(classify(Some("ehr.clinic.example."), None, EMR, EHR).unwrap(), Origin::Ehr);
+    }
+
+    #[test]
+    fn unknown_host_and_sni_mismatch_are_misdirected() {
+        let e = classify(Some("other.example"), None, EMR, EHR).unwrap_err();
+        assert_eq!(e.status, 421);
+        let e = classify(Some("ehr.clinic.example"), Some("emr.clinic.example"), EMR, EHR).unwrap_err();
+        assert_eq!(e.status, 421);
+        assert!(classify(Some("emr.clinic.example:443"), Some("EMR.clinic.example"), EMR, EHR).is_ok());
+        let e = classify(None, None, EMR, EHR).unwrap_err();
+        assert_eq!(e.status, 400);
+    }
+
+    #[test]
+    fn host_parts() {
+        assert_eq!(host_name("[::1]:8443"), "[::1]");
+        assert_eq!(host_name("emr.x:8443"), "emr.x");
+        assert_eq!(host_name("emr.x"), "emr.x");
+        assert_eq!(host_port("emr.x:8443"), Some(8443));
+        assert_eq!(host_port("[::1]:9"), Some(9));
+        assert_eq!(host_port("emr.x"), None);
+    }
+
+    #[test]
+    fn own_paths_in_every_spelling() {
+        for p in [
+            "/.ehrgate/status",
+            "/.ehrgate",
+            "/.well-known/ehrgate/jwks.json",
+            "/%2eehrgate/status",
+            "/%2Eehrgate/enter",
+            "//.ehrgate/x",
+            "/oscar/../.ehrgate/x",
+            "/./.well-known/ehrgate/jwks.json",
+            "/.well-known%2Fehrgate%2Fjwks.json",
+        ] {
+            assert!(is_own_path(p), "{p}");
+        }
+        for p in ["/", "/oscar/index.jsp", "/.ehrgatex", "/.well-known/other", "/a%20b", "/x/.hidden"] {
+            assert!(!is_own_path(p), "{p}");
+        }
+    }
+}

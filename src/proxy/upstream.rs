@@ -1,0 +1,190 @@
+//! One upstream (the EMR or the viewer): a pooled keep-alive HTTP/1.1 client over plain
+//! TCP or verified TLS, with the configured connect and response-header time limits.
+
+use std::time::Duration;
+
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::Body;
+use crate::config::{ConfigError, ServerConfig, UpstreamUrl};
+use crate::metrics::UpstreamFailure;
+use crate::problem::{BoxError, Problem, Side};
+use crate::proxy::route::Origin;
+use crate::tls;
+
+/// Idle connections kept per upstream; the clinic's upstreams are one host each.
+const POOL_MAX_IDLE: usize = 512;
+
+pub struct Upstream {
+    origin: Origin,
+    scheme: Scheme,
+    authority: http::uri::Authority,
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+    response_timeout: Duration,
+}
+
+/// Why an upstream gave no response.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// Connected, but no response header within `upstream_response_timeout`.
+    ResponseTimeout,
+    /// No connection within `upstream_connect_timeout`.
+    ConnectTimeout(BoxError),
+    /// Connection refused, name not resolved, TLS verification failed, ...
+    Connect(BoxError),
+    /// The connection broke before a response header arrived.
+    Other(BoxError),
+}
+
+impl UpstreamError {
+    pub fn failure_kind(&self) -> UpstreamFailure {
+        match self {
+            UpstreamError::ResponseTimeout | UpstreamError::ConnectTimeout(_) => UpstreamFailure::Timeout,
+            UpstreamError::Connect(_) => UpstreamFailure::Connect,
+            UpstreamError::Other(_) => UpstreamFailure::Other,
+        }
+    }
+
+    /// The page a browser gets: 504 for time limits, 502 otherwise.
+    pub fn into_problem(self, origin: Origin) -> Problem {
+        let who = origin.display();
+        let (status, code, detail, cause): (_, _, String, Option<BoxError>) = match self {
+            UpstreamError::ResponseTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                format!("{who} did not answer in time."),
+                None,
+            ),
+            UpstreamError::ConnectTimeout(e) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_connect_timeout",
+                format!("ehrgate could not connect to {who} in time."),
+                Some(e),
+            ),
+            UpstreamError::Connect(e) => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_unreachable",
+                format!("ehrgate could not reach {who}."),
+                Some(e),
+            ),
+            UpstreamError::Other(e) => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_failed",
+                format!("{who} closed the connection without answering."),
+                Some(e),
+            ),
+        };
+        let title = if status == StatusCode::GATEWAY_TIMEOUT {
+            "Gateway timeout"
+        } else {
+            "Bad gateway"
+        };
+        let mut p = Problem::new(status, code, title, detail)
+            .hint("Try again in a moment. If it keeps happening, tell your IT staff and quote the request id.")
+            .side(Side::Upstream);
+        p.cause = cause;
+        p
+    }
+}
+
+impl Upstream {
+    pub fn new(
+        origin: Origin,
+        key: &str,
+        url: &str,
+        ca: &str,
+        server: &ServerConfig,
+    ) -> Result<Self, ConfigError> {
+        let parsed = UpstreamUrl::parse(&format!("{key}.upstream"), url)?;
+        let tls = if parsed.https {
+            tls::upstream_client_config(&format!("{key}.upstream_ca"), ca)?
+        } else {
+            // Never used for http://, but the connector type wants one.
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConfigError::new(key, e.to_string()))?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+        };
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(server.upstream_connect_timeout.get()));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(server.upstream_idle_timeout.get())
+            .pool_max_idle_per_host(POOL_MAX_IDLE)
+            .build(connector);
+        Ok(Self {
+            origin,
+            scheme: if parsed.https { Scheme::HTTPS } else { Scheme::HTTP },
+            authority: parsed.authority,
+            client,
+            response_timeout: server.upstream_response_timeout.get(),
+        })
+    }
+
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    /// The upstream URI for a client's path and query.
+    pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(
+            path_and_query
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        Uri::from_parts(parts).expect("scheme, authority and path make a valid URI")
+    }
+
+    /// Sends a request and waits for the response header within the configured limits.
+    /// The response body streams afterwards, unbounded in time, as a download may.
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+            Err(_) => Err(UpstreamError::ResponseTimeout),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(classify(e)),
+        }
+    }
+}
+
+fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
+    let timed_out = {
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        let mut found = false;
+        while let Some(err) = next {
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                found |= io.kind() == std::io::ErrorKind::TimedOut;
+            }
+            next = err.source();
+        }
+        found
+    };
+    if e.is_connect() {
+        if timed_out {
+            UpstreamError::ConnectTimeout(Box::new(e))
+        } else {
+            UpstreamError::Connect(Box::new(e))
+        }
+    } else {
+        UpstreamError::Other(Box::new(e))
+    }
+}

@@ -1,0 +1,291 @@
+//! One client connection: TLS handshake within its time limit, then HTTP/1.1 or HTTP/2 as
+//! ALPN chose, with the idle keep-alive limit and graceful shutdown applied.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+use tokio_rustls::TlsAcceptor;
+use tracing::debug;
+
+use crate::body::Body;
+use crate::config::ServerConfig;
+use crate::metrics::Metrics;
+use crate::problem::BoxError;
+use crate::proxy::{ConnInfo, Gateway};
+use crate::tls::ALPN_H2;
+
+/// Limits applied to every client connection.
+#[derive(Debug, Clone)]
+pub struct ConnLimits {
+    pub tls_handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+impl From<&ServerConfig> for ConnLimits {
+    fn from(s: &ServerConfig) -> Self {
+        Self {
+            tls_handshake_timeout: s.tls_handshake_timeout.get(),
+            header_read_timeout: s.header_read_timeout.get(),
+            idle_timeout: s.idle_timeout.get(),
+            max_header_bytes: s.max_header_bytes,
+        }
+    }
+}
+
+/// Things a connection task holds until it ends.
+pub struct ConnGuards {
+    pub _permit: OwnedSemaphorePermit,
+    /// Dropped when the connection ends; the server waits for all of them on shutdown.
+    pub _drain: mpsc::Sender<()>,
+}
+
+/// Requests in flight and the time of the last activity, for the idle limit.
+struct Activity {
+    born: Instant,
+    in_flight: AtomicUsize,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            born: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        InFlight(self.clone())
+    }
+
+    /// When the connection may next be idle long enough, or `None` if it is now.
+    fn idle_deadline(&self, idle: Duration) -> Option<Instant> {
+        let last = self.born + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        let deadline = last + idle;
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            Some(Instant::now() + idle)
+        } else if deadline <= Instant::now() {
+            None
+        } else {
+            Some(deadline)
+        }
+    }
+}
+
+/// Held from a request's arrival until its response body is finished or dropped.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The response body, carrying the in-flight mark until it is done.
+struct Tracked {
+    inner: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A served connection that can be asked to finish gracefully.
+trait GracefulConn: Future<Output = Result<(), hyper::Error>> {
+    fn begin_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S> GracefulConn for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = Tracked>,
+    S::Error: Into<BoxError>,
+{
+    fn begin_shutdown(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S> GracefulConn for hyper::server::conn::http2::Connection<I, S, TokioExecutor>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = Tracked>,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    fn begin_shutdown(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Serves one accepted TCP connection to its end.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    gateway: Arc<Gateway>,
+    metrics: Arc<Metrics>,
+    limits: Arc<ConnLimits>,
+    mut shutdown: watch::Receiver<bool>,
+    guards: ConnGuards,
+) {
+    let _guards = guards;
+    metrics.connection_opened();
+    let _open = scopeguard(|| metrics.connection_closed());
+    let _ = tcp.set_nodelay(true);
+
+    let tls = tokio::select! {
+        r = tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(tcp)) => r,
+        _ = crate::server::signalled(&mut shutdown) => return,
+    };
+    let tls = match tls {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            metrics.tls_handshake_failed();
+            debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            metrics.tls_handshake_failed();
+            debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let (_, session) = tls.get_ref();
+    let h2 = session.alpn_protocol() == Some(ALPN_H2);
+    let info = Arc::new(ConnInfo {
+        peer,
+        sni: session.server_name().map(|s| s.to_ascii_lowercase().into_boxed_str()),
+    });
+
+    let activity = Arc::new(Activity::new());
+    let svc = {
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let in_flight = activity.begin();
+            let gateway = gateway.clone();
+            let info = info.clone();
+            async move {
+                let resp = gateway.handle(info, req).await;
+                Ok::<_, Infallible>(resp.map(|inner| Tracked {
+                    inner,
+                    _in_flight: in_flight,
+                }))
+            }
+        })
+    };
+    let io = TokioIo::new(tls);
+    if h2 {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.max_header_bytes as u32)
+            .max_concurrent_streams(256);
+        drive(builder.serve_connection(io, svc), &activity, &limits, shutdown).await;
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_header_size(limits.max_header_bytes)
+            .keep_alive(true);
+        drive(
+            builder.serve_connection(io, svc).with_upgrades(),
+            &activity,
+            &limits,
+            shutdown,
+        )
+        .await;
+    }
+}
+
+/// Polls a connection to its end, starting a graceful close on shutdown or when it has
+/// been idle (no request in flight) for `idle_timeout`.
+async fn drive<C: GracefulConn>(
+    conn: C,
+    activity: &Activity,
+    limits: &ConnLimits,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut conn = std::pin::pin!(conn);
+    let mut closing = false;
+    loop {
+        let idle_at = activity.idle_deadline(limits.idle_timeout);
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = crate::server::signalled(&mut shutdown), if !closing => {
+                conn.as_mut().begin_shutdown();
+                closing = true;
+            }
+            _ = sleep_until(idle_at), if !closing => {
+                if activity.idle_deadline(limits.idle_timeout).is_none() {
+                    debug!("closing idle connection");
+                    conn.as_mut().begin_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => {}
+    }
+}
+
+struct ScopeGuard<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for ScopeGuard<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+fn scopeguard<F: FnMut()>(f: F) -> ScopeGuard<F> {
+    ScopeGuard(f)
+}

@@ -1,0 +1,228 @@
+//! The listeners: the TLS proxy listener clinicians' browsers reach, and the plain-HTTP
+//! admin listener. Owns accepting, the connection limit and graceful shutdown; what a
+//! request means is the proxy module's business.
+
+mod conn;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+use crate::admin;
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::proxy::Gateway;
+use crate::tls;
+use conn::{ConnGuards, ConnLimits};
+
+/// Why ehrgate could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Whether the proxy is taking new work; `/readyz` reports it.
+#[derive(Debug, Default)]
+pub struct Health {
+    ready: AtomicBool,
+}
+
+impl Health {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// Everything `run` needs, built and checked before any socket is opened. `check-config`
+/// builds it too, so a configuration that passes the check also starts.
+pub struct Prepared {
+    pub config: Arc<Config>,
+    pub gateway: Arc<Gateway>,
+    pub metrics: Arc<Metrics>,
+    tls: Arc<rustls::ServerConfig>,
+}
+
+impl Prepared {
+    pub fn new(config: Config) -> Result<Self, ConfigError> {
+        let config = Arc::new(config);
+        let tls = tls::server_config(&config.server.tls_cert, &config.server.tls_key)?;
+        let metrics = Arc::new(Metrics::new());
+        let gateway = Arc::new(Gateway::new(config.clone(), metrics.clone())?);
+        Ok(Self {
+            config,
+            gateway,
+            metrics,
+            tls,
+        })
+    }
+}
+
+/// A started ehrgate: its bound addresses and the handle to stop it.
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub health: Arc<Health>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting and lets requests in flight finish (within `shutdown_grace`).
+    pub fn shutdown(&self) {
+        self.health.ready.store(false, Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits until the server has stopped (after [`Running::shutdown`]).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Binds the listeners and starts serving.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    start_prepared(Prepared::new(config)?).await
+}
+
+pub async fn start_prepared(prepared: Prepared) -> Result<Running, StartError> {
+    let Prepared {
+        config,
+        gateway,
+        metrics,
+        tls,
+    } = prepared;
+    let server = &config.server;
+    let listener = TcpListener::bind(server.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: "server.listen",
+            addr: server.listen,
+            source,
+        })?;
+    let admin_listener = TcpListener::bind(server.admin_listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: "server.admin_listen",
+            addr: server.admin_listen,
+            source,
+        })?;
+    let proxy_addr = listener.local_addr().expect("bound listener has an address");
+    let admin_addr = admin_listener.local_addr().expect("bound listener has an address");
+
+    let health = Arc::new(Health::default());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        admin::AdminState {
+            metrics: metrics.clone(),
+            health: health.clone(),
+        },
+        shutdown_rx.clone(),
+    ));
+
+    let accept = AcceptLoop {
+        listener,
+        acceptor: TlsAcceptor::from(tls),
+        gateway,
+        metrics,
+        limits: Arc::new(ConnLimits::from(server)),
+        slots: Arc::new(Semaphore::new(server.max_connections)),
+        grace: server.shutdown_grace.get(),
+        shutdown: shutdown_rx,
+    };
+    health.ready.store(true, Ordering::Relaxed);
+    info!(%proxy_addr, %admin_addr, "ehrgate is serving");
+    let task = tokio::spawn(async move {
+        accept.run().await;
+        let _ = admin_task.await;
+    });
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        health,
+        shutdown: shutdown_tx,
+        task,
+    })
+}
+
+struct AcceptLoop {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    gateway: Arc<Gateway>,
+    metrics: Arc<Metrics>,
+    limits: Arc<ConnLimits>,
+    slots: Arc<Semaphore>,
+    grace: Duration,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl AcceptLoop {
+    async fn run(mut self) {
+        let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = signalled(&mut self.shutdown) => break,
+                r = self.listener.accept() => r,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                self.metrics.connection_rejected();
+                warn!(%peer, "connection refused: server.max_connections are open");
+                drop(tcp);
+                continue;
+            };
+            tokio::spawn(conn::serve(
+                tcp,
+                peer,
+                self.acceptor.clone(),
+                self.gateway.clone(),
+                self.metrics.clone(),
+                self.limits.clone(),
+                self.shutdown.clone(),
+                ConnGuards {
+                    _permit: permit,
+                    _drain: drain_tx.clone(),
+                },
+            ));
+        }
+        drop(self.listener);
+        drop(drain_tx);
+        info!(open = self.metrics.open_connections(), "shutting down: no new connections; finishing requests in flight");
+        if tokio::time::timeout(self.grace, drain_rx.recv()).await.is_err() {
+            warn!(
+                open = self.metrics.open_connections(),
+                "shutdown grace ran out; closing the remaining connections"
+            );
+        } else {
+            info!("all connections finished");
+        }
+    }
+}
+
+/// Resolves once shutdown has been signalled (or its sender is gone).
+pub async fn signalled(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
