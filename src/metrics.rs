@@ -166,7 +166,10 @@ impl Metrics {
     }
 
     fn write_to(&self, out: &mut String) -> std::fmt::Result {
-        writeln!(out, "# HELP ehrgate_requests_total Responses sent to clients, by origin and status.")?;
+        writeln!(
+            out,
+            "# HELP ehrgate_requests_total Responses sent to clients, by origin and status."
+        )?;
         writeln!(out, "# TYPE ehrgate_requests_total counter")?;
         for route in Route::ALL {
             for (i, c) in self.responses[route.index()].iter().enumerate() {
@@ -202,10 +205,16 @@ impl Metrics {
                 "ehrgate_upstream_response_seconds_sum{{origin=\"{label}\"}} {}",
                 h.sum_micros.load(Relaxed) as f64 / 1e6
             )?;
-            writeln!(out, "ehrgate_upstream_response_seconds_count{{origin=\"{label}\"}} {count}")?;
+            writeln!(
+                out,
+                "ehrgate_upstream_response_seconds_count{{origin=\"{label}\"}} {count}"
+            )?;
         }
 
-        writeln!(out, "# HELP ehrgate_upstream_errors_total Upstream requests that got no response.")?;
+        writeln!(
+            out,
+            "# HELP ehrgate_upstream_errors_total Upstream requests that got no response."
+        )?;
         writeln!(out, "# TYPE ehrgate_upstream_errors_total counter")?;
         for origin in [Origin::Emr, Origin::Ehr] {
             for (kind, label) in [
@@ -223,11 +232,36 @@ impl Metrics {
         }
 
         for (name, help, kind, value) in [
-            ("ehrgate_open_connections", "Client connections open now.", "gauge", self.open_connections.load(Relaxed)),
-            ("ehrgate_open_tunnels", "Upgraded (WebSocket) connections open now.", "gauge", self.open_tunnels.load(Relaxed)),
-            ("ehrgate_connections_total", "Client connections accepted.", "counter", self.connections_total.load(Relaxed) as i64),
-            ("ehrgate_connections_rejected_total", "Client connections closed at accept because server.max_connections were open.", "counter", self.connections_rejected.load(Relaxed) as i64),
-            ("ehrgate_tls_handshake_failures_total", "Client TLS handshakes that failed or timed out.", "counter", self.tls_handshake_failures.load(Relaxed) as i64),
+            (
+                "ehrgate_open_connections",
+                "Client connections open now.",
+                "gauge",
+                self.open_connections.load(Relaxed),
+            ),
+            (
+                "ehrgate_open_tunnels",
+                "Upgraded (WebSocket) connections open now.",
+                "gauge",
+                self.open_tunnels.load(Relaxed),
+            ),
+            (
+                "ehrgate_connections_total",
+                "Client connections accepted.",
+                "counter",
+                self.connections_total.load(Relaxed) as i64,
+            ),
+            (
+                "ehrgate_connections_rejected_total",
+                "Client connections closed at accept because server.max_connections were open.",
+                "counter",
+                self.connections_rejected.load(Relaxed) as i64,
+            ),
+            (
+                "ehrgate_tls_handshake_failures_total",
+                "Client TLS handshakes that failed or timed out.",
+                "counter",
+                self.tls_handshake_failures.load(Relaxed) as i64,
+            ),
         ] {
             writeln!(out, "# HELP {name} {help}")?;
             writeln!(out, "# TYPE {name} {kind}")?;
@@ -253,8 +287,10 @@ mod tests {
         let text = m.render();
         assert!(text.contains("ehrgate_requests_total{origin=\"emr\",status=\"200\"} 2"));
         assert!(text.contains("ehrgate_requests_total{origin=\"none\",status=\"421\"} 1"));
-        assert!(text.contains("ehrgate_upstream_response_seconds_bucket{origin=\"ehr\",le=\"0.0025\"} 0"));
-        assert!(text.contains("ehrgate_upstream_response_seconds_bucket{origin=\"ehr\",le=\"0.005\"} 1"));
+        assert!(text
+            .contains("ehrgate_upstream_response_seconds_bucket{origin=\"ehr\",le=\"0.0025\"} 0"));
+        assert!(text
+            .contains("ehrgate_upstream_response_seconds_bucket{origin=\"ehr\",le=\"0.005\"} 1"));
         assert!(text.contains("ehrgate_upstream_response_seconds_count{origin=\"ehr\"} 1"));
         assert!(text.contains("ehrgate_open_connections 1"));
     }

@@ -76,7 +76,12 @@ impl Problem {
     }
 
     pub fn bad_request(detail: impl Into<Cow<'static, str>>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", "Bad request", detail)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "Bad request",
+            detail,
+        )
     }
 
     pub fn not_found(detail: impl Into<Cow<'static, str>>) -> Self {
@@ -86,8 +91,10 @@ impl Problem {
     /// The cause chain, for the log only.
     pub fn cause_chain(&self) -> String {
         let mut out = String::new();
-        let mut next: Option<&(dyn std::error::Error + 'static)> =
-            self.cause.as_deref().map(|e| e as &(dyn std::error::Error + 'static));
+        let mut next: Option<&(dyn std::error::Error + 'static)> = self
+            .cause
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static));
         while let Some(e) = next {
             if !out.is_empty() {
                 out.push_str(": ");
@@ -209,7 +216,9 @@ mod tests {
     fn json_only_when_preferred() {
         assert!(wants_json(&accept("application/json")));
         assert!(wants_json(&accept("application/json, text/html;q=0.5")));
-        assert!(!wants_json(&accept("text/html,application/xhtml+xml,application/json;q=0.8")));
+        assert!(!wants_json(&accept(
+            "text/html,application/xhtml+xml,application/json;q=0.8"
+        )));
         assert!(!wants_json(&accept("*/*")));
         assert!(!wants_json(&HeaderMap::new()));
     }

@@ -110,7 +110,16 @@ mod tests {
 
     #[test]
     fn refuses_what_is_ambiguous() {
-        for bad in ["", "90", "s", "1.5h", "30 m", "-1s", "10y", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "90",
+            "s",
+            "1.5h",
+            "30 m",
+            "-1s",
+            "10y",
+            "99999999999999999999d",
+        ] {
             let err = parse(bad).unwrap_err();
             assert!(err.contains("invalid duration"), "{bad}: {err}");
         }

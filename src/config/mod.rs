@@ -452,7 +452,7 @@ impl Config {
         }
         UpstreamUrl::parse("emr.upstream", &self.emr.upstream)?;
         UpstreamUrl::parse("ehr.upstream", &self.ehr.upstream)?;
-        if self.server.listen == self.server.admin_listen {
+        if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
             return Err(ConfigError::new(
                 "server.admin_listen",
                 "must differ from server.listen",
@@ -464,8 +464,14 @@ impl Config {
             ("server.tls_handshake_timeout", s.tls_handshake_timeout),
             ("server.header_read_timeout", s.header_read_timeout),
             ("server.idle_timeout", s.idle_timeout),
-            ("server.upstream_connect_timeout", s.upstream_connect_timeout),
-            ("server.upstream_response_timeout", s.upstream_response_timeout),
+            (
+                "server.upstream_connect_timeout",
+                s.upstream_connect_timeout,
+            ),
+            (
+                "server.upstream_response_timeout",
+                s.upstream_response_timeout,
+            ),
             ("server.upstream_idle_timeout", s.upstream_idle_timeout),
             ("emr.idle_timeout", self.emr.idle_timeout),
             ("session.idle_timeout", self.session.idle_timeout),
@@ -521,7 +527,8 @@ impl Config {
                 "must contain {demographicNo}, where the patient's number goes",
             ));
         }
-        if emr.launch_patient_params.is_empty() || emr.launch_patient_params.iter().any(String::is_empty)
+        if emr.launch_patient_params.is_empty()
+            || emr.launch_patient_params.iter().any(String::is_empty)
         {
             return Err(ConfigError::new(
                 "emr.launch_patient_params",
@@ -574,7 +581,10 @@ impl Config {
         }
         for (i, a) in self.authorities.iter().enumerate() {
             if a.id.trim().is_empty() {
-                return Err(ConfigError::new(format!("authority[{i}].id"), "must not be empty"));
+                return Err(ConfigError::new(
+                    format!("authority[{i}].id"),
+                    "must not be empty",
+                ));
             }
             if a.name.trim().is_empty() {
                 return Err(ConfigError::new(
@@ -621,9 +631,12 @@ fn toml_error(key: &str, e: &toml::de::Error, text: &str) -> ConfigError {
 fn validate_host(key: &str, host: &str) -> Result<(), ConfigError> {
     let ok = !host.is_empty()
         && host.len() <= 253
-        && host
-            .split('.')
-            .all(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
     if ok {
         Ok(())
     } else {
@@ -651,7 +664,9 @@ fn validate_pointer(key: &str, pointer: &str) -> Result<(), ConfigError> {
     } else {
         Err(ConfigError::new(
             key,
-            format!("{pointer:?} is not a JSON pointer (it must start with '/', e.g. \"/providerNo\")"),
+            format!(
+                "{pointer:?} is not a JSON pointer (it must start with '/', e.g. \"/providerNo\")"
+            ),
         ))
     }
 }

@@ -53,7 +53,9 @@ fn unknown_key_is_named_with_its_table_and_line() {
 
 #[test]
 fn bad_duration_names_the_key() {
-    let e = err(&format!("{MINIMAL}\n[session]\nidle_timeout = \"30 minutes\"\n"));
+    let e = err(&format!(
+        "{MINIMAL}\n[session]\nidle_timeout = \"30 minutes\"\n"
+    ));
     assert_eq!(e.key, "session.idle_timeout");
     assert!(e.message.contains("invalid duration"), "{e}");
 }
@@ -101,16 +103,23 @@ fn no_authority_is_refused() {
 
 #[test]
 fn authorities_must_be_distinct_and_have_one_default_at_most() {
-    let twice = format!("{MINIMAL}\n[[authority]]\nid = \"2.16.840.1.113883.3.239.9:101\"\nname = \"Again\"\n");
+    let twice = format!(
+        "{MINIMAL}\n[[authority]]\nid = \"2.16.840.1.113883.3.239.9:101\"\nname = \"Again\"\n"
+    );
     assert_eq!(err(&twice).key, "authority[1].id");
     let two_defaults =
         format!("{MINIMAL}\n[[authority]]\nid = \"x:2\"\nname = \"Other\"\ndefault = true\n");
-    assert!(err(&two_defaults).message.contains("more than one authority"));
+    assert!(err(&two_defaults)
+        .message
+        .contains("more than one authority"));
 }
 
 #[test]
 fn missing_required_table_is_named() {
-    let text = MINIMAL.replace("[ehr]\nhost = \"ehr.clinic.example\"\nupstream = \"https://viewer.example\"\n", "");
+    let text = MINIMAL.replace(
+        "[ehr]\nhost = \"ehr.clinic.example\"\nupstream = \"https://viewer.example\"\n",
+        "",
+    );
     let e = err(&text);
     assert!(e.message.contains("missing field `ehr`"), "{e}");
 }
@@ -131,7 +140,10 @@ fn paths_pointers_and_header_names_are_checked() {
 
 #[test]
 fn effective_config_redacts_the_hash_key() {
-    let c = Config::parse(&format!("{MINIMAL}\n[audit]\nhash_key = \"s3cret-key-material\"\n")).unwrap();
+    let c = Config::parse(&format!(
+        "{MINIMAL}\n[audit]\nhash_key = \"s3cret-key-material\"\n"
+    ))
+    .unwrap();
     let shown = c.to_effective_toml();
     assert!(!shown.contains("s3cret"));
     assert!(shown.contains("<redacted>"));

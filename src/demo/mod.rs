@@ -54,8 +54,10 @@ where
 
 pub fn html(body: String) -> Response<Body> {
     let mut resp = Response::new(Body::full(body));
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     resp
 }
 
@@ -108,7 +110,10 @@ pub async fn run(listen: SocketAddr) -> ExitCode {
     let (files, generated) = match ensure_dev_files(dir, &[EMR_HOST, EHR_HOST]) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("ehrgate demo: cannot prepare development certificates in {}: {e}", dir.display());
+            eprintln!(
+                "ehrgate demo: cannot prepare development certificates in {}: {e}",
+                dir.display()
+            );
             return ExitCode::from(1);
         }
     };
@@ -124,7 +129,10 @@ pub async fn run(listen: SocketAddr) -> ExitCode {
         ehr.local_addr().expect("bound"),
     );
     spawn_http(emr, |req| async move { stand_in_page("Demo EMR", &req) });
-    spawn_http(ehr, |req| async move { stand_in_page("Demo EHR viewer", &req) });
+    spawn_http(
+        ehr,
+        |req| async move { stand_in_page("Demo EHR viewer", &req) },
+    );
 
     let running = match server::start(config(listen, &files, emr_addr, ehr_addr)).await {
         Ok(r) => r,
@@ -147,7 +155,10 @@ pub async fn run(listen: SocketAddr) -> ExitCode {
         if generated { " (new)" } else { " (reused)" }
     );
     println!("  Trust it in a test browser profile only, or use curl:");
-    println!("    curl --cacert {} https://{EMR_HOST}:{port}/", files.ca_cert.display());
+    println!(
+        "    curl --cacert {} https://{EMR_HOST}:{port}/",
+        files.ca_cert.display()
+    );
     crate::cli::wait_for_signal().await;
     running.shutdown();
     running.wait().await;

@@ -159,7 +159,12 @@ fn same_name(expected: &str, name: &str) -> bool {
 }
 
 /// Sets the forwarded headers ehrgate vouches for.
-pub fn set_forwarded(headers: &mut HeaderMap, client_ip: IpAddr, original_host: &str, request_id: &str) {
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    client_ip: IpAddr,
+    original_host: &str,
+    request_id: &str,
+) {
     if let Ok(v) = HeaderValue::from_str(&client_ip.to_string()) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
@@ -268,7 +273,12 @@ mod tests {
     fn forwarded_values_replace_client_ones() {
         let mut h = map(&[("x-forwarded-for", "6.6.6.6")]);
         TrustedHeaders::new().strip(&mut h);
-        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), "emr.localhost:8443", "r1");
+        set_forwarded(
+            &mut h,
+            "127.0.0.1".parse().unwrap(),
+            "emr.localhost:8443",
+            "r1",
+        );
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");

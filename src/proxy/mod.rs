@@ -55,7 +55,11 @@ impl RequestIds {
     }
 
     fn next(&self) -> String {
-        format!("{:08x}-{:x}", self.prefix, self.next.fetch_add(1, Ordering::Relaxed))
+        format!(
+            "{:08x}-{:x}",
+            self.prefix,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
     }
 }
 
@@ -78,8 +82,20 @@ struct Ctx {
 impl Gateway {
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
         let s = &config.server;
-        let emr = Upstream::new(Origin::Emr, "emr", &config.emr.upstream, &config.emr.upstream_ca, s)?;
-        let ehr = Upstream::new(Origin::Ehr, "ehr", &config.ehr.upstream, &config.ehr.upstream_ca, s)?;
+        let emr = Upstream::new(
+            Origin::Emr,
+            "emr",
+            &config.emr.upstream,
+            &config.emr.upstream_ca,
+            s,
+        )?;
+        let ehr = Upstream::new(
+            Origin::Ehr,
+            "ehr",
+            &config.ehr.upstream,
+            &config.ehr.upstream_ca,
+            s,
+        )?;
         let mut trusted = TrustedHeaders::new();
         trusted.add(&config.ehr.context_header, Severity::Forgery);
         Ok(Self {
@@ -101,7 +117,11 @@ impl Gateway {
 
     /// Serves one request from a client connection. Never fails: every problem becomes a
     /// page with the request id.
-    pub async fn handle(self: Arc<Self>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(
+        self: Arc<Self>,
+        conn: Arc<ConnInfo>,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
         let ctx = Ctx {
             id: self.ids.next(),
             started: Instant::now(),
@@ -152,7 +172,13 @@ impl Gateway {
         )
     }
 
-    async fn serve(&self, ctx: &Ctx, origin: Origin, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
+    async fn serve(
+        &self,
+        ctx: &Ctx,
+        origin: Origin,
+        conn: &ConnInfo,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
         if route::is_own_path(req.uri().path()) {
             return self.own_endpoint(ctx, origin, req);
         }
@@ -165,11 +191,9 @@ impl Gateway {
 
     /// `/.ehrgate/` and `/.well-known/ehrgate/`: answered here, never forwarded.
     fn own_endpoint(&self, ctx: &Ctx, _origin: Origin, req: Request<Incoming>) -> Response<Body> {
-        let problem = Problem::not_found(format!(
-            "{} is not an ehrgate endpoint.",
-            req.uri().path()
-        ))
-        .hint("Open the EMR from its usual address.");
+        let problem =
+            Problem::not_found(format!("{} is not an ehrgate endpoint.", req.uri().path()))
+                .hint("Open the EMR from its usual address.");
         self.fail(ctx, problem, req.headers())
     }
 
@@ -182,7 +206,8 @@ impl Gateway {
         mut req: Request<Incoming>,
     ) -> Result<Response<Body>, Problem> {
         let upstream = self.upstream(origin);
-        let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
+        let upgrade =
+            req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
         let client_upgrade: Option<OnUpgrade> = if upgrade {
             req.extensions_mut().remove::<OnUpgrade>()
         } else {
@@ -222,7 +247,10 @@ impl Gateway {
                         StatusCode::BAD_GATEWAY,
                         "unexpected_upgrade",
                         "Bad gateway",
-                        format!("{} switched protocols without being asked to.", origin.display()),
+                        format!(
+                            "{} switched protocols without being asked to.",
+                            origin.display()
+                        ),
                     )
                     .side(Side::Upstream));
                 }
@@ -237,19 +265,36 @@ impl Gateway {
         headers::strip_hop_by_hop(headers, upgrade);
         for (name, severity) in self.trusted.strip(headers) {
             match severity {
-                Severity::Forgery => warn!(header = %name, "removed a client-sent copy of a header ehrgate vouches for"),
-                Severity::Routine => debug!(header = %name, "replaced a client-sent forwarding header"),
+                Severity::Forgery => {
+                    warn!(header = %name, "removed a client-sent copy of a header ehrgate vouches for")
+                }
+                Severity::Routine => {
+                    debug!(header = %name, "replaced a client-sent forwarding header")
+                }
             }
         }
         headers::fold_cookies(headers);
     }
 
-    fn fail(&self, ctx: &Ctx, problem: Problem, request_headers: &http::HeaderMap) -> Response<Body> {
+    fn fail(
+        &self,
+        ctx: &Ctx,
+        problem: Problem,
+        request_headers: &http::HeaderMap,
+    ) -> Response<Body> {
         let cause = problem.cause_chain();
         match problem.side {
-            Side::Downstream => debug!(status = problem.status.as_u16(), code = problem.code, "refused"),
-            Side::Upstream => warn!(status = problem.status.as_u16(), code = problem.code, cause = %cause, "upstream failed"),
-            Side::Internal => warn!(status = problem.status.as_u16(), code = problem.code, cause = %cause, "internal error"),
+            Side::Downstream => debug!(
+                status = problem.status.as_u16(),
+                code = problem.code,
+                "refused"
+            ),
+            Side::Upstream => {
+                warn!(status = problem.status.as_u16(), code = problem.code, cause = %cause, "upstream failed")
+            }
+            Side::Internal => {
+                warn!(status = problem.status.as_u16(), code = problem.code, cause = %cause, "internal error")
+            }
         }
         problem.to_response(&ctx.id, request_headers)
     }

@@ -86,7 +86,9 @@ pub fn classify(
     } else if name.eq_ignore_ascii_case(ehr_host) {
         Ok(Origin::Ehr)
     } else {
-        Err(misdirected("This server does not serve the host the request names."))
+        Err(misdirected(
+            "This server does not serve the host the request names.",
+        ))
     }
 }
 
@@ -169,18 +171,39 @@ mod tests {
 
     #[test]
     fn routes_by_host_ignoring_case_port_and_trailing_dot() {
-        assert_eq!(classify(Some("emr.clinic.example"), None, EMR, EHR).unwrap(), Origin::Emr);
-        assert_eq!(classify(Some("EHR.Clinic.Example:8443"), None, EMR, EHR).unwrap(), Origin::Ehr);
-        assert_eq!(classify(Some("ehr.clinic.example."), None, EMR, EHR).unwrap(), Origin::Ehr);
+        assert_eq!(
+            classify(Some("emr.clinic.example"), None, EMR, EHR).unwrap(),
+            Origin::Emr
+        );
+        assert_eq!(
+            classify(Some("EHR.Clinic.Example:8443"), None, EMR, EHR).unwrap(),
+            Origin::Ehr
+        );
+        assert_eq!(
+            classify(Some("ehr.clinic.example."), None, EMR, EHR).unwrap(),
+            Origin::Ehr
+        );
     }
 
     #[test]
     fn unknown_host_and_sni_mismatch_are_misdirected() {
         let e = classify(Some("other.example"), None, EMR, EHR).unwrap_err();
         assert_eq!(e.status, 421);
-        let e = classify(Some("ehr.clinic.example"), Some("emr.clinic.example"), EMR, EHR).unwrap_err();
+        let e = classify(
+            Some("ehr.clinic.example"),
+            Some("emr.clinic.example"),
+            EMR,
+            EHR,
+        )
+        .unwrap_err();
         assert_eq!(e.status, 421);
-        assert!(classify(Some("emr.clinic.example:443"), Some("EMR.clinic.example"), EMR, EHR).is_ok());
+        assert!(classify(
+            Some("emr.clinic.example:443"),
+            Some("EMR.clinic.example"),
+            EMR,
+            EHR
+        )
+        .is_ok());
         let e = classify(None, None, EMR, EHR).unwrap_err();
         assert_eq!(e.status, 400);
     }
@@ -210,7 +233,14 @@ mod tests {
         ] {
             assert!(is_own_path(p), "{p}");
         }
-        for p in ["/", "/oscar/index.jsp", "/.ehrgatex", "/.well-known/other", "/a%20b", "/x/.hidden"] {
+        for p in [
+            "/",
+            "/oscar/index.jsp",
+            "/.ehrgatex",
+            "/.well-known/other",
+            "/a%20b",
+            "/x/.hidden",
+        ] {
             assert!(!is_own_path(p), "{p}");
         }
     }

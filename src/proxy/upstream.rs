@@ -45,7 +45,9 @@ pub enum UpstreamError {
 impl UpstreamError {
     pub fn failure_kind(&self) -> UpstreamFailure {
         match self {
-            UpstreamError::ResponseTimeout | UpstreamError::ConnectTimeout(_) => UpstreamFailure::Timeout,
+            UpstreamError::ResponseTimeout | UpstreamError::ConnectTimeout(_) => {
+                UpstreamFailure::Timeout
+            }
             UpstreamError::Connect(_) => UpstreamFailure::Connect,
             UpstreamError::Other(_) => UpstreamFailure::Other,
         }
@@ -131,7 +133,11 @@ impl Upstream {
             .build(connector);
         Ok(Self {
             origin,
-            scheme: if parsed.https { Scheme::HTTPS } else { Scheme::HTTP },
+            scheme: if parsed.https {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            },
             authority: parsed.authority,
             client,
             response_timeout: server.upstream_response_timeout.get(),

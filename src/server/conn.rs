@@ -114,7 +114,10 @@ impl http_body::Body for Tracked {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         Pin::new(&mut self.get_mut().inner).poll_frame(cx)
     }
 
@@ -193,7 +196,9 @@ pub async fn serve(
     let h2 = session.alpn_protocol() == Some(ALPN_H2);
     let info = Arc::new(ConnInfo {
         peer,
-        sni: session.server_name().map(|s| s.to_ascii_lowercase().into_boxed_str()),
+        sni: session
+            .server_name()
+            .map(|s| s.to_ascii_lowercase().into_boxed_str()),
     });
 
     let activity = Arc::new(Activity::new());
@@ -219,7 +224,13 @@ pub async fn serve(
             .timer(TokioTimer::new())
             .max_header_list_size(limits.max_header_bytes as u32)
             .max_concurrent_streams(256);
-        drive(builder.serve_connection(io, svc), &activity, &limits, shutdown).await;
+        drive(
+            builder.serve_connection(io, svc),
+            &activity,
+            &limits,
+            shutdown,
+        )
+        .await;
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -272,9 +283,8 @@ async fn drive<C: GracefulConn>(
 }
 
 async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => {}
+    if let Some(at) = at {
+        tokio::time::sleep_until(at.into()).await;
     }
 }
 

@@ -120,18 +120,24 @@ pub async fn start_prepared(prepared: Prepared) -> Result<Running, StartError> {
             addr: server.admin_listen,
             source,
         })?;
-    let proxy_addr = listener.local_addr().expect("bound listener has an address");
-    let admin_addr = admin_listener.local_addr().expect("bound listener has an address");
+    let proxy_addr = listener
+        .local_addr()
+        .expect("bound listener has an address");
+    let admin_addr = admin_listener
+        .local_addr()
+        .expect("bound listener has an address");
 
     let health = Arc::new(Health::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // The admin listener outlives the drain, so /readyz can say "shutting down".
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
         admin::AdminState {
             metrics: metrics.clone(),
             health: health.clone(),
         },
-        shutdown_rx.clone(),
+        admin_stop_rx,
     ));
 
     let accept = AcceptLoop {
@@ -148,6 +154,7 @@ pub async fn start_prepared(prepared: Prepared) -> Result<Running, StartError> {
     info!(%proxy_addr, %admin_addr, "ehrgate is serving");
     let task = tokio::spawn(async move {
         accept.run().await;
+        let _ = admin_stop_tx.send(true);
         let _ = admin_task.await;
     });
     Ok(Running {
@@ -210,8 +217,14 @@ impl AcceptLoop {
         }
         drop(self.listener);
         drop(drain_tx);
-        info!(open = self.metrics.open_connections(), "shutting down: no new connections; finishing requests in flight");
-        if tokio::time::timeout(self.grace, drain_rx.recv()).await.is_err() {
+        info!(
+            open = self.metrics.open_connections(),
+            "shutting down: no new connections; finishing requests in flight"
+        );
+        if tokio::time::timeout(self.grace, drain_rx.recv())
+            .await
+            .is_err()
+        {
             warn!(
                 open = self.metrics.open_connections(),
                 "shutdown grace ran out; closing the remaining connections"

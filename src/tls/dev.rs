@@ -8,8 +8,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
 };
 
 /// A development CA and a server certificate it signed, all PEM.
@@ -132,16 +132,21 @@ mod tests {
     #[test]
     fn dev_files_are_generated_once_and_reused() {
         let dir = tempfile::tempdir().unwrap();
-        let (files, generated) = ensure_dev_files(dir.path(), &["emr.localhost", "ehr.localhost"]).unwrap();
+        let (files, generated) =
+            ensure_dev_files(dir.path(), &["emr.localhost", "ehr.localhost"]).unwrap();
         assert!(generated);
         let first = std::fs::read(&files.server_cert).unwrap();
-        let (_, generated) = ensure_dev_files(dir.path(), &["emr.localhost", "ehr.localhost"]).unwrap();
+        let (_, generated) =
+            ensure_dev_files(dir.path(), &["emr.localhost", "ehr.localhost"]).unwrap();
         assert!(!generated);
         assert_eq!(std::fs::read(&files.server_cert).unwrap(), first);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&files.server_key).unwrap().permissions().mode();
+            let mode = std::fs::metadata(&files.server_key)
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o077, 0, "key readable by others: {mode:o}");
         }
         // Other hosts: a new certificate.

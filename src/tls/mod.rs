@@ -34,12 +34,20 @@ const VERSIONS: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
 /// Reads a PEM certificate chain (leaf first).
-pub fn read_cert_chain(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+pub fn read_cert_chain(
+    key: &str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
     let bytes = std::fs::read(path)
         .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ConfigError::new(key, format!("{} is not a PEM certificate file: {e}", path.display())))?;
+        .map_err(|e| {
+            ConfigError::new(
+                key,
+                format!("{} is not a PEM certificate file: {e}", path.display()),
+            )
+        })?;
     if certs.is_empty() {
         return Err(ConfigError::new(
             key,
@@ -56,7 +64,10 @@ pub fn read_private_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| {
         ConfigError::new(
             key,
-            format!("{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)", path.display()),
+            format!(
+                "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",
+                path.display()
+            ),
         )
     })
 }
@@ -105,7 +116,10 @@ pub fn upstream_client_config(key: &str, ca_path: &str) -> Result<ClientConfig, 
     } else {
         for cert in read_cert_chain(key, Path::new(ca_path))? {
             roots.add(cert).map_err(|e| {
-                ConfigError::new(key, format!("{ca_path} holds an unusable CA certificate: {e}"))
+                ConfigError::new(
+                    key,
+                    format!("{ca_path} holds an unusable CA certificate: {e}"),
+                )
             })?;
         }
     }

@@ -1,0 +1,139 @@
+//! `ehrgate check-config` on good and bad files: exit 2 and one clear line naming the key.
+
+use crate::support::{check_config, check_config_path, Files, Setup};
+
+fn valid(files: &Files) -> String {
+    let a = "127.0.0.1:1".parse().unwrap();
+    Setup::new(a, a).toml(files, "127.0.0.1:0", "127.0.0.1:0")
+}
+
+/// Asserts exit code 2 and a single stderr line containing every fragment.
+fn refused(text: &str, fragments: &[&str]) {
+    let (code, stdout, stderr) = check_config(text);
+    assert_eq!(code, 2, "stderr: {stderr}");
+    assert!(stdout.is_empty(), "nothing printed on stdout: {stdout}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    for f in fragments {
+        assert!(lines[0].contains(f), "{f:?} not in {:?}", lines[0]);
+    }
+}
+
+#[test]
+fn valid_config_prints_the_effective_config() {
+    let files = Files::new();
+    let (code, stdout, stderr) = check_config(&valid(&files));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("[server]") && stdout.contains("header_read_timeout = \"15s\""),
+        "{stdout}"
+    );
+    assert!(stderr.contains("configuration is valid"));
+}
+
+#[test]
+fn the_shipped_example_parses_and_names_its_missing_certificate() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/ehrgate.toml");
+    let (code, _, stderr) = check_config_path(&path);
+    // The example points at the clinic's own certificate, absent here.
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("server.tls_cert: cannot read certs/server.crt"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn missing_file() {
+    let (code, _, stderr) = check_config_path(std::path::Path::new("/nonexistent/ehrgate.toml"));
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("cannot read configuration file"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unknown_key() {
+    let files = Files::new();
+    let text = valid(&files).replace("[server]\n", "[server]\nlisten_port = 8443\n");
+    refused(
+        &text,
+        &["server.listen_port", "unknown key `listen_port`", "line"],
+    );
+}
+
+#[test]
+fn bad_duration() {
+    let files = Files::new();
+    let text = format!(
+        "{}\n[session]\nidle_timeout = \"half an hour\"\n",
+        valid(&files)
+    );
+    refused(&text, &["session.idle_timeout", "invalid duration"]);
+}
+
+#[test]
+fn unreadable_certificate() {
+    let files = Files::new();
+    let text = valid(&files).replace(&files.cert.display().to_string(), "/nonexistent/server.crt");
+    refused(
+        &text,
+        &["server.tls_cert", "cannot read /nonexistent/server.crt"],
+    );
+}
+
+#[test]
+fn mismatched_certificate_and_key() {
+    let files = Files::new();
+    let other = Files::new();
+    let text = valid(&files).replace(
+        &files.key.display().to_string(),
+        &other.key.display().to_string(),
+    );
+    refused(
+        &text,
+        &["server.tls_key", "does not belong to the certificate"],
+    );
+}
+
+#[test]
+fn unknown_upstream_scheme() {
+    let files = Files::new();
+    let text = valid(&files).replace(
+        "upstream = \"http://127.0.0.1:1\"",
+        "upstream = \"ws://127.0.0.1:1\"",
+    );
+    refused(&text, &["emr.upstream", "unknown scheme \"ws\""]);
+}
+
+#[test]
+fn unreadable_upstream_ca() {
+    let files = Files::new();
+    let text = valid(&files).replacen(
+        "upstream = \"http://127.0.0.1:1\"",
+        "upstream = \"https://127.0.0.1:1\"\nupstream_ca = \"/nonexistent/ca.pem\"",
+        1,
+    );
+    refused(
+        &text,
+        &["emr.upstream_ca", "cannot read /nonexistent/ca.pem"],
+    );
+}
+
+#[test]
+fn duplicate_hosts() {
+    let files = Files::new();
+    let text = valid(&files).replace("host = \"ehr.localhost\"", "host = \"emr.localhost\"");
+    refused(&text, &["ehr.host", "distinct host names"]);
+}
+
+#[test]
+fn no_authority() {
+    let files = Files::new();
+    let text = valid(&files);
+    let start = text.find("[[authority]]").unwrap();
+    let end = text.find("[context]").unwrap();
+    let text = format!("{}{}", &text[..start], &text[end..]);
+    refused(&text, &["authority", "at least one [[authority]]"]);
+}

@@ -1,0 +1,9 @@
+//! Integration tests: real listeners on 127.0.0.1 ephemeral ports, in-process upstreams,
+//! and a test CA made at run time. One test crate, a module per area.
+
+mod support;
+
+mod config;
+mod errors;
+mod lifecycle;
+mod proxy;
