@@ -11,18 +11,23 @@
 //! - [`tls`]: server and upstream TLS, and development key material.
 //! - [`server`]: listeners, connection limits, graceful shutdown.
 //! - [`proxy`]: one request's path through classify, filter, forward.
+//! - [`session`]: EMR and EHR sessions, launch tickets, and the lifecycle decisions.
+//! - [`context`]: the signed context assertion. [`audit`]: the audit log.
 //! - [`admin`]: health, readiness and metrics.
 //! - [`demo`]: `ehrgate demo`, the whole set-up on one machine.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod audit;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod context;
 pub mod demo;
 pub mod metrics;
 pub mod problem;
 pub mod proxy;
 pub mod server;
+pub mod session;
 pub mod telemetry;
 pub mod tls;

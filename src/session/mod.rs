@@ -1,0 +1,210 @@
+//! Session lifecycle state (DESIGN §5): EMR sessions, the EHR session linked to each,
+//! launch tickets, and the decisions over them.
+//!
+//! Owns what a session is and when it may live; holds no sockets and calls no upstream.
+//! The lifecycle flows (`crate::lifecycle`) carry bytes and call these. Nothing here is
+//! ever logged with a secret: tokens appear only as [`TokenHash`] labels.
+
+pub mod decide;
+pub mod jar;
+pub mod store;
+pub mod token;
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use tokio::sync::watch;
+
+use crate::config::Authority;
+pub use jar::CookieJar;
+pub use store::{MemoryStore, SessionStore, StoreFull};
+pub use token::{Token, TokenHash};
+
+/// Milliseconds on the store's clock (since the store was made).
+pub type Millis = u64;
+
+/// The patient a launch is for, as the EMR described them. Its `Debug` shows only the
+/// demographic number: never the HCN, name or birth date.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PatientContext {
+    pub demographic_no: String,
+    pub hcn: String,
+    pub hcn_version: String,
+    /// `YYYY-MM-DD`.
+    pub birth_date: String,
+    pub gender: String,
+    pub family: String,
+    pub given: String,
+    /// The EMR provider number of the patient's most responsible provider.
+    pub mrp_provider: String,
+}
+
+impl fmt::Debug for PatientContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PatientContext")
+            .field("demographic_no", &self.demographic_no)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An EMR login that ehrgate has seen confirmed by the EMR's whoami.
+#[derive(Debug)]
+pub struct EmrSession {
+    /// Hash of the EMR session cookie's value.
+    pub key: TokenHash,
+    /// The EMR user (provider number).
+    pub user: String,
+    pub created: Millis,
+    last_seen: AtomicU64,
+    ended: AtomicBool,
+    /// Hashes of the `__Host-ehrgate-emr` markers issued for this session.
+    markers: Mutex<Vec<TokenHash>>,
+}
+
+impl EmrSession {
+    pub fn new(key: TokenHash, user: String, now: Millis) -> Self {
+        Self {
+            key,
+            user,
+            created: now,
+            last_seen: AtomicU64::new(now),
+            ended: AtomicBool::new(false),
+            markers: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn last_seen(&self) -> Millis {
+        self.last_seen.load(Ordering::Relaxed)
+    }
+
+    pub fn touch(&self, now: Millis) {
+        self.last_seen.fetch_max(now, Ordering::Relaxed);
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    /// Marks the session over; returns false if it already was (so effects run once).
+    pub fn end(&self) -> bool {
+        !self.ended.swap(true, Ordering::AcqRel)
+    }
+
+    fn markers(&self) -> Vec<TokenHash> {
+        self.markers.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    fn add_marker(&self, marker: TokenHash) {
+        if let Ok(mut m) = self.markers.lock() {
+            // A handful per session (one per browser); bounded all the same.
+            if m.len() >= 16 {
+                m.remove(0);
+            }
+            m.push(marker);
+        }
+    }
+}
+
+/// What ehrgate remembers of the patient last opened in an EHR session, for the audit
+/// of an override: never the HCN itself.
+#[derive(Debug, Clone, Default)]
+pub struct OpenedPatient {
+    pub demographic_no: String,
+    pub hcn_hmac: String,
+}
+
+/// A viewer session, linked to exactly one EMR session.
+pub struct EhrSession {
+    /// The owning EMR session.
+    pub emr: TokenHash,
+    pub user: String,
+    pub authority: Authority,
+    pub created: Millis,
+    last_seen: AtomicU64,
+    /// Hash of the current `__Host-ehrgate` value (rotated at every enter).
+    id: Mutex<TokenHash>,
+    pub jar: Mutex<CookieJar>,
+    pub patient: Mutex<OpenedPatient>,
+    /// Turns `true` when the session ends: event streams and tunnels watch it.
+    closed: watch::Sender<bool>,
+}
+
+impl fmt::Debug for EhrSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EhrSession")
+            .field("emr", &self.emr)
+            .field("user", &self.user)
+            .field("authority", &self.authority.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EhrSession {
+    pub fn new(
+        emr: TokenHash,
+        user: String,
+        authority: Authority,
+        id: TokenHash,
+        now: Millis,
+    ) -> Self {
+        Self {
+            emr,
+            user,
+            authority,
+            created: now,
+            last_seen: AtomicU64::new(now),
+            id: Mutex::new(id),
+            jar: Mutex::new(CookieJar::default()),
+            patient: Mutex::new(OpenedPatient::default()),
+            closed: watch::Sender::new(false),
+        }
+    }
+
+    pub fn id(&self) -> TokenHash {
+        *self.id.lock().expect("id lock")
+    }
+
+    fn set_id(&self, id: TokenHash) {
+        *self.id.lock().expect("id lock") = id;
+    }
+
+    pub fn last_seen(&self) -> Millis {
+        self.last_seen.load(Ordering::Relaxed)
+    }
+
+    pub fn touch(&self, now: Millis) {
+        self.last_seen.fetch_max(now, Ordering::Relaxed);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// Marks the session over and tells its watchers; returns false if it already was.
+    pub fn close(&self) -> bool {
+        self.closed
+            .send_if_modified(|closed| !std::mem::replace(closed, true))
+    }
+
+    /// A receiver that turns `true` when the session ends.
+    pub fn watch_closed(&self) -> watch::Receiver<bool> {
+        self.closed.subscribe()
+    }
+
+    /// Event streams and tunnels watching this session now.
+    pub fn watchers(&self) -> usize {
+        self.closed.receiver_count()
+    }
+}
+
+/// A single-use launch ticket, bound to its EMR session, patient and authority.
+#[derive(Debug, Clone)]
+pub struct LaunchTicket {
+    pub emr: TokenHash,
+    pub user: String,
+    pub authority: Authority,
+    pub patient: PatientContext,
+    pub mrp: bool,
+    pub expires: Millis,
+}

@@ -1,0 +1,337 @@
+//! The session store: one trait, so a shared store (Redis) can serve several replicas
+//! later, and the in-memory implementation every connection shares now (concurrent maps,
+//! no global lock on the request path).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use dashmap::DashMap;
+
+use super::{EhrSession, EmrSession, LaunchTicket, Millis, TokenHash};
+
+/// The store is at `max_sessions`: a new session or ticket is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the session store is full")]
+pub struct StoreFull;
+
+/// Sizes, for metrics and the admin view.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreCounts {
+    pub emr: usize,
+    pub ehr: usize,
+    pub tickets: usize,
+}
+
+pub trait SessionStore: Send + Sync + 'static {
+    /// The store's clock.
+    fn now(&self) -> Millis;
+
+    fn emr(&self, key: &TokenHash) -> Option<Arc<EmrSession>>;
+    /// Registers an EMR session; the existing one is returned if `key` is known.
+    fn insert_emr(&self, session: EmrSession) -> Result<Arc<EmrSession>, StoreFull>;
+    /// Removes an EMR session with its markers; its EHR session stays until removed.
+    fn remove_emr(&self, key: &TokenHash) -> Option<Arc<EmrSession>>;
+    fn add_marker(&self, marker: TokenHash, emr: &Arc<EmrSession>);
+    fn emr_by_marker(&self, marker: &TokenHash) -> Option<Arc<EmrSession>>;
+    fn emr_keys_of_user(&self, user: &str) -> Vec<TokenHash>;
+
+    fn ehr(&self, id: &TokenHash) -> Option<Arc<EhrSession>>;
+    fn ehr_of_emr(&self, emr: &TokenHash) -> Option<Arc<EhrSession>>;
+    /// Links a new EHR session to its EMR session (which must have none).
+    fn insert_ehr(&self, session: Arc<EhrSession>);
+    /// Gives an EHR session a new id; the old one stops working at once.
+    fn rekey_ehr(&self, session: &Arc<EhrSession>, new_id: TokenHash);
+    /// Unlinks and removes the EHR session of an EMR session.
+    fn remove_ehr_of_emr(&self, emr: &TokenHash) -> Option<Arc<EhrSession>>;
+
+    fn put_ticket(&self, hash: TokenHash, ticket: LaunchTicket) -> Result<(), StoreFull>;
+    /// Takes a ticket out (single use), whatever its age; the caller checks expiry.
+    fn take_ticket(&self, hash: &TokenHash) -> Option<LaunchTicket>;
+    /// Drops tickets expired by `now`; returns how many.
+    fn drop_expired_tickets(&self, now: Millis) -> usize;
+
+    /// EMR sessions for which `stale` says yes.
+    fn emr_where(&self, stale: &dyn Fn(&EmrSession) -> bool) -> Vec<TokenHash>;
+    /// EMR sessions whose EHR session `stale` says is over.
+    fn ehr_where(&self, stale: &dyn Fn(&EhrSession) -> bool) -> Vec<TokenHash>;
+
+    fn counts(&self) -> StoreCounts;
+}
+
+/// The in-memory store, bounded by `max_sessions`.
+pub struct MemoryStore {
+    epoch: Instant,
+    max_sessions: usize,
+    emr: DashMap<TokenHash, Arc<EmrSession>>,
+    emr_count: AtomicUsize,
+    markers: DashMap<TokenHash, TokenHash>,
+    by_user: DashMap<Box<str>, Vec<TokenHash>>,
+    ehr: DashMap<TokenHash, Arc<EhrSession>>,
+    ehr_by_emr: DashMap<TokenHash, Arc<EhrSession>>,
+    tickets: DashMap<TokenHash, LaunchTicket>,
+}
+
+impl MemoryStore {
+    pub fn new(max_sessions: usize) -> Self {
+        Self {
+            epoch: Instant::now(),
+            max_sessions,
+            emr: DashMap::new(),
+            emr_count: AtomicUsize::new(0),
+            markers: DashMap::new(),
+            by_user: DashMap::new(),
+            ehr: DashMap::new(),
+            ehr_by_emr: DashMap::new(),
+            tickets: DashMap::new(),
+        }
+    }
+}
+
+impl SessionStore for MemoryStore {
+    fn now(&self) -> Millis {
+        self.epoch.elapsed().as_millis() as Millis
+    }
+
+    fn emr(&self, key: &TokenHash) -> Option<Arc<EmrSession>> {
+        let s = self.emr.get(key)?.clone();
+        (s.key.ct_eq(key) && !s.is_ended()).then_some(s)
+    }
+
+    fn insert_emr(&self, session: EmrSession) -> Result<Arc<EmrSession>, StoreFull> {
+        use dashmap::mapref::entry::Entry;
+        match self.emr.entry(session.key) {
+            Entry::Occupied(e) => Ok(e.get().clone()),
+            Entry::Vacant(v) => {
+                // Reserve a slot first, so concurrent launches cannot overshoot the bound.
+                if self.emr_count.fetch_add(1, Ordering::AcqRel) >= self.max_sessions {
+                    self.emr_count.fetch_sub(1, Ordering::AcqRel);
+                    return Err(StoreFull);
+                }
+                let session = Arc::new(session);
+                self.by_user
+                    .entry(session.user.as_str().into())
+                    .or_default()
+                    .push(session.key);
+                v.insert(session.clone());
+                Ok(session)
+            }
+        }
+    }
+
+    fn remove_emr(&self, key: &TokenHash) -> Option<Arc<EmrSession>> {
+        let (_, s) = self.emr.remove(key)?;
+        self.emr_count.fetch_sub(1, Ordering::AcqRel);
+        for m in s.markers() {
+            self.markers.remove(&m);
+        }
+        self.by_user.remove_if_mut(s.user.as_str(), |_, keys| {
+            keys.retain(|k| k != key);
+            keys.is_empty()
+        });
+        Some(s)
+    }
+
+    fn add_marker(&self, marker: TokenHash, emr: &Arc<EmrSession>) {
+        emr.add_marker(marker);
+        self.markers.insert(marker, emr.key);
+    }
+
+    fn emr_by_marker(&self, marker: &TokenHash) -> Option<Arc<EmrSession>> {
+        let key = *self.markers.get(marker)?;
+        self.emr(&key)
+    }
+
+    fn emr_keys_of_user(&self, user: &str) -> Vec<TokenHash> {
+        self.by_user
+            .get(user)
+            .map(|k| k.clone())
+            .unwrap_or_default()
+    }
+
+    fn ehr(&self, id: &TokenHash) -> Option<Arc<EhrSession>> {
+        let s = self.ehr.get(id)?.clone();
+        (s.id().ct_eq(id) && !s.is_closed()).then_some(s)
+    }
+
+    fn ehr_of_emr(&self, emr: &TokenHash) -> Option<Arc<EhrSession>> {
+        let s = self.ehr_by_emr.get(emr)?.clone();
+        (!s.is_closed()).then_some(s)
+    }
+
+    fn insert_ehr(&self, session: Arc<EhrSession>) {
+        self.ehr.insert(session.id(), session.clone());
+        if let Some(old) = self.ehr_by_emr.insert(session.emr, session.clone()) {
+            if !Arc::ptr_eq(&old, &session) {
+                self.ehr.remove(&old.id());
+            }
+        }
+        // Ended while being inserted: take it out again.
+        if session.is_closed() {
+            self.ehr.remove(&session.id());
+        }
+    }
+
+    fn rekey_ehr(&self, session: &Arc<EhrSession>, new_id: TokenHash) {
+        let old = session.id();
+        session.set_id(new_id);
+        self.ehr.insert(new_id, session.clone());
+        self.ehr.remove(&old);
+        if session.is_closed() {
+            self.ehr.remove(&new_id);
+        }
+    }
+
+    fn remove_ehr_of_emr(&self, emr: &TokenHash) -> Option<Arc<EhrSession>> {
+        let (_, s) = self.ehr_by_emr.remove(emr)?;
+        self.ehr.remove(&s.id());
+        Some(s)
+    }
+
+    fn put_ticket(&self, hash: TokenHash, ticket: LaunchTicket) -> Result<(), StoreFull> {
+        if self.tickets.len() >= self.max_sessions {
+            return Err(StoreFull);
+        }
+        self.tickets.insert(hash, ticket);
+        Ok(())
+    }
+
+    fn take_ticket(&self, hash: &TokenHash) -> Option<LaunchTicket> {
+        self.tickets.remove(hash).map(|(_, t)| t)
+    }
+
+    fn drop_expired_tickets(&self, now: Millis) -> usize {
+        let before = self.tickets.len();
+        self.tickets.retain(|_, t| t.expires > now);
+        before.saturating_sub(self.tickets.len())
+    }
+
+    fn emr_where(&self, stale: &dyn Fn(&EmrSession) -> bool) -> Vec<TokenHash> {
+        self.emr
+            .iter()
+            .filter(|e| stale(e.value()))
+            .map(|e| *e.key())
+            .collect()
+    }
+
+    fn ehr_where(&self, stale: &dyn Fn(&EhrSession) -> bool) -> Vec<TokenHash> {
+        self.ehr_by_emr
+            .iter()
+            .filter(|e| stale(e.value()))
+            .map(|e| *e.key())
+            .collect()
+    }
+
+    fn counts(&self) -> StoreCounts {
+        StoreCounts {
+            emr: self.emr_count.load(Ordering::Relaxed),
+            ehr: self.ehr_by_emr.len(),
+            tickets: self.tickets.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Authority;
+    use crate::session::Token;
+
+    fn authority() -> Authority {
+        Authority {
+            id: "a:1".into(),
+            name: "A".into(),
+            default: true,
+        }
+    }
+
+    #[test]
+    fn bounded_by_max_sessions() {
+        let store = MemoryStore::new(2);
+        for i in 0..2 {
+            store
+                .insert_emr(EmrSession::new(
+                    TokenHash::of(&format!("c{i}")),
+                    "u".into(),
+                    0,
+                ))
+                .unwrap();
+        }
+        let full = store.insert_emr(EmrSession::new(TokenHash::of("c3"), "u".into(), 0));
+        assert_eq!(full.unwrap_err(), StoreFull);
+        // A known session is still found, not refused.
+        assert!(store
+            .insert_emr(EmrSession::new(TokenHash::of("c0"), "u".into(), 0))
+            .is_ok());
+        store.remove_emr(&TokenHash::of("c0")).unwrap();
+        assert!(store
+            .insert_emr(EmrSession::new(TokenHash::of("c3"), "u".into(), 0))
+            .is_ok());
+        assert_eq!(store.counts().emr, 2);
+    }
+
+    #[test]
+    fn markers_and_user_index_follow_the_emr_session() {
+        let store = MemoryStore::new(10);
+        let emr = store
+            .insert_emr(EmrSession::new(TokenHash::of("j"), "999998".into(), 0))
+            .unwrap();
+        let marker = Token::generate().unwrap().hash();
+        store.add_marker(marker, &emr);
+        assert_eq!(store.emr_by_marker(&marker).unwrap().user, "999998");
+        assert_eq!(store.emr_keys_of_user("999998"), vec![emr.key]);
+        store.remove_emr(&emr.key);
+        assert!(store.emr_by_marker(&marker).is_none());
+        assert!(store.emr_keys_of_user("999998").is_empty());
+    }
+
+    #[test]
+    fn rekeyed_ehr_session_answers_only_to_its_new_id() {
+        let store = MemoryStore::new(10);
+        let emr = TokenHash::of("j");
+        let (a, b) = (
+            Token::generate().unwrap().hash(),
+            Token::generate().unwrap().hash(),
+        );
+        let s = Arc::new(EhrSession::new(emr, "u".into(), authority(), a, 0));
+        store.insert_ehr(s.clone());
+        assert!(store.ehr(&a).is_some());
+        store.rekey_ehr(&s, b);
+        assert!(store.ehr(&a).is_none());
+        assert!(store.ehr(&b).is_some());
+        assert!(Arc::ptr_eq(&store.ehr_of_emr(&emr).unwrap(), &s));
+    }
+
+    #[test]
+    fn a_closed_ehr_session_is_never_found() {
+        let store = MemoryStore::new(10);
+        let emr = TokenHash::of("j");
+        let id = TokenHash::of("id");
+        let s = Arc::new(EhrSession::new(emr, "u".into(), authority(), id, 0));
+        store.insert_ehr(s.clone());
+        assert!(s.close());
+        assert!(!s.close(), "effects run once");
+        assert!(store.ehr(&id).is_none());
+        assert!(store.ehr_of_emr(&emr).is_none());
+        // A rekey racing with the close does not bring it back.
+        store.rekey_ehr(&s, TokenHash::of("id2"));
+        assert!(store.ehr(&TokenHash::of("id2")).is_none());
+    }
+
+    #[test]
+    fn tickets_are_single_use() {
+        let store = MemoryStore::new(10);
+        let t = TokenHash::of("t");
+        let ticket = LaunchTicket {
+            emr: TokenHash::of("j"),
+            user: "u".into(),
+            authority: authority(),
+            patient: crate::session::decide::tests::patient(),
+            mrp: true,
+            expires: 100,
+        };
+        store.put_ticket(t, ticket).unwrap();
+        assert!(store.take_ticket(&t).is_some());
+        assert!(store.take_ticket(&t).is_none());
+    }
+}
