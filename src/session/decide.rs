@@ -111,7 +111,7 @@ pub fn valid_ontario_hcn(hcn: &str) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// A demographic number as the EMR issues them: 1 to 10 digits.

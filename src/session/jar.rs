@@ -64,7 +64,7 @@ impl CookieJar {
         if matching.is_empty() {
             return None;
         }
-        matching.sort_by(|a, b| b.path.len().cmp(&a.path.len()));
+        matching.sort_by_key(|c| std::cmp::Reverse(c.path.len()));
         let mut out = String::with_capacity(
             matching
                 .iter()
