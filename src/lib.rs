@@ -11,6 +11,7 @@
 //! - [`tls`]: server and upstream TLS, and development key material.
 //! - [`server`]: listeners, connection limits, graceful shutdown.
 //! - [`proxy`]: one request's path through classify, filter, forward.
+//! - [`lifecycle`]: launch, enter, viewer and EMR traffic, sign-out, Disconnect, events.
 //! - [`session`]: EMR and EHR sessions, launch tickets, and the lifecycle decisions.
 //! - [`context`]: the signed context assertion. [`audit`]: the audit log.
 //! - [`admin`]: health, readiness and metrics.
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod context;
 pub mod demo;
+pub mod lifecycle;
 pub mod metrics;
 pub mod problem;
 pub mod proxy;

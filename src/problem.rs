@@ -36,6 +36,8 @@ pub struct Problem {
     pub hint: Cow<'static, str>,
     pub side: Side,
     pub cause: Option<BoxError>,
+    /// Headers the page carries (e.g. a `Set-Cookie` that expires a dead session).
+    pub headers: Option<Box<HeaderMap>>,
 }
 
 impl Problem {
@@ -57,7 +59,15 @@ impl Problem {
                 Side::Downstream
             },
             cause: None,
+            headers: None,
         }
+    }
+
+    pub fn with_header(mut self, name: http::HeaderName, value: HeaderValue) -> Self {
+        self.headers
+            .get_or_insert_with(Default::default)
+            .append(name, value);
+        self
     }
 
     pub fn hint(mut self, hint: impl Into<Cow<'static, str>>) -> Self {
@@ -105,9 +115,9 @@ impl Problem {
         out
     }
 
-    /// The page for the browser, in the form its `Accept` header prefers.
-    pub fn to_response(&self, request_id: &str, request_headers: &HeaderMap) -> Response<Body> {
-        let (content_type, body) = if wants_json(request_headers) {
+    /// The page for the browser: JSON if it prefers JSON, else HTML.
+    pub fn into_response(self, request_id: &str, json: bool) -> Response<Body> {
+        let (content_type, body) = if json {
             ("application/json", self.json(request_id))
         } else {
             ("text/html; charset=utf-8", self.html(request_id))
@@ -117,6 +127,11 @@ impl Problem {
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
         h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(extra) = self.headers {
+            for (name, value) in extra.iter() {
+                h.append(name, value.clone());
+            }
+        }
         resp
     }
 
@@ -226,10 +241,10 @@ mod tests {
     #[test]
     fn page_escapes_and_carries_the_request_id() {
         let p = Problem::bad_request("bad <input>").hint("fix & retry");
-        let resp = p.to_response("rid-1", &HeaderMap::new());
+        let html = String::from_utf8(p.html("rid-1").to_vec()).unwrap();
+        let resp = p.into_response("rid-1", false);
         assert_eq!(resp.status(), 400);
         assert_eq!(resp.headers()[CONTENT_TYPE], "text/html; charset=utf-8");
-        let html = String::from_utf8(p.html("rid-1").to_vec()).unwrap();
         assert!(html.contains("bad &lt;input&gt;"));
         assert!(html.contains("fix &amp; retry"));
         assert!(html.contains("rid-1"));

@@ -19,12 +19,14 @@ use tracing::{debug, warn};
 use crate::body::Body;
 use crate::metrics::Metrics;
 use crate::problem::Problem;
+use crate::proxy::Gateway;
 use crate::server::Health;
 
 #[derive(Clone)]
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
+    pub gateway: Arc<Gateway>,
 }
 
 pub async fn serve(listener: TcpListener, state: AdminState, mut shutdown: watch::Receiver<bool>) {
@@ -76,20 +78,65 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
             }
         }
         (&Method::GET, "/metrics") => {
-            let mut resp = Response::new(Body::full(Bytes::from(state.metrics.render())));
+            let mut text = state.metrics.render();
+            let c = state.gateway.store.counts();
+            text.push_str("# HELP ehrgate_sessions Sessions and launch tickets held now.\n");
+            text.push_str("# TYPE ehrgate_sessions gauge\n");
+            for (kind, n) in [("emr", c.emr), ("ehr", c.ehr), ("ticket", c.tickets)] {
+                text.push_str(&format!("ehrgate_sessions{{kind=\"{kind}\"}} {n}\n"));
+            }
+            let mut resp = Response::new(Body::full(Bytes::from(text)));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             resp
         }
+        (&Method::POST, "/admin/logout") => admin_logout(state, &req).await,
         _ => Problem::not_found(format!(
             "{} {} is not an admin endpoint (try /healthz, /readyz or /metrics).",
             req.method(),
             req.uri().path()
         ))
-        .to_response("admin", req.headers()),
+        .into_response("admin", crate::problem::wants_json(req.headers())),
     }
+}
+
+/// `POST /admin/logout?user=U`: signs out every EMR session of the user, with all its
+/// effects, and says how many ended. Refused for anything a browser page could send.
+async fn admin_logout(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
+    let json = crate::problem::wants_json(req.headers());
+    let h = req.headers();
+    let from_a_page = h.contains_key(http::header::ORIGIN)
+        || h.contains_key(http::header::REFERER)
+        || h.get("sec-fetch-site")
+            .is_some_and(|v| v.as_bytes() != b"none");
+    if from_a_page {
+        return Problem::new(
+            StatusCode::FORBIDDEN,
+            "cross_site",
+            "Refused",
+            "Admin actions are not accepted from web pages.",
+        )
+        .into_response("admin", json);
+    }
+    let user = req
+        .uri()
+        .query()
+        .and_then(|q| crate::lifecycle::query_value(q, "user"))
+        .filter(|u| !u.trim().is_empty());
+    let Some(user) = user else {
+        return Problem::bad_request(
+            "Name the EMR user to sign out: POST /admin/logout?user=PROVIDER_NO",
+        )
+        .into_response("admin", json);
+    };
+    let n = state.gateway.sign_out_user(user.trim(), None).await;
+    let body = serde_json::json!({"user": user.trim(), "signed_out": n});
+    let mut resp = Response::new(Body::full(body.to_string()));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {

@@ -1,10 +1,13 @@
-//! The request path: classify → ehrgate's own endpoint, or forward → request filter
-//! (strip, inject) → upstream → response filter → log and count.
+//! The request path: classify → ehrgate's own endpoint, a lifecycle flow, or plain
+//! forwarding → request filter (strip, inject) → upstream → response filter → log.
 //!
-//! Owns what happens to one request once its connection is established. It never reads
-//! or writes sockets directly (the server module does) and never lets a client-sent copy
-//! of a header ehrgate vouches for reach an upstream.
+//! Owns what happens to one request once its connection is established: the phases and
+//! the header rules. The lifecycle flows (`crate::lifecycle`) build on [`Gateway::prepare`]
+//! and [`Gateway::exchange`]. It never reads or writes sockets directly and never lets a
+//! client-sent copy of a header ehrgate vouches for, or an ehrgate cookie, reach an
+//! upstream.
 
+pub mod cookies;
 pub mod headers;
 pub mod route;
 pub mod upgrade;
@@ -16,15 +19,21 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{HeaderValue, HOST};
+use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
+use tokio::sync::watch;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::audit::AuditLog;
 use crate::body::Body;
 use crate::config::{Config, ConfigError};
+use crate::context::ContextSigner;
+use crate::lifecycle::SessionLimits;
 use crate::metrics::{Metrics, Route};
 use crate::problem::{Problem, Side};
+use crate::session::{MemoryStore, SessionStore};
 use headers::{Severity, TrustedHeaders};
 use route::Origin;
 use upstream::Upstream;
@@ -63,24 +72,46 @@ impl RequestIds {
     }
 }
 
-/// Everything shared by all requests: configuration, upstream pools, counters.
+/// Everything shared by all requests: configuration, upstream pools, the session store,
+/// the audit log, the context signer and the counters.
 pub struct Gateway {
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
-    emr: Upstream,
-    ehr: Upstream,
+    pub store: Arc<dyn SessionStore>,
+    pub audit: AuditLog,
+    pub signer: ContextSigner,
+    pub(crate) limits: SessionLimits,
+    pub(crate) emr: Upstream,
+    pub(crate) ehr: Upstream,
     trusted: TrustedHeaders,
     ids: RequestIds,
+    /// Turns `true` when the server begins to shut down.
+    pub(crate) shutdown: watch::Receiver<bool>,
 }
 
 /// Per-request context carried through the phases.
-struct Ctx {
-    id: String,
-    started: Instant,
+pub struct Ctx {
+    pub id: String,
+    pub started: Instant,
+    /// The client prefers JSON to HTML for error pages.
+    pub json: bool,
+    /// The host the client named, port included.
+    pub host: String,
+}
+
+/// A request on its way upstream, after the request filter.
+pub struct Outbound {
+    pub parts: Parts,
+    pub body: Body,
+    client_upgrade: Option<OnUpgrade>,
 }
 
 impl Gateway {
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Self, ConfigError> {
         let s = &config.server;
         let emr = Upstream::new(
             Origin::Emr,
@@ -96,19 +127,25 @@ impl Gateway {
             &config.ehr.upstream_ca,
             s,
         )?;
+        let signer = ContextSigner::load(&config.context.signing_key)?;
         let mut trusted = TrustedHeaders::new();
         trusted.add(&config.ehr.context_header, Severity::Forgery);
         Ok(Self {
-            config,
+            store: Arc::new(MemoryStore::new(config.session.max_sessions)),
+            audit: AuditLog::open(&config.audit),
+            limits: SessionLimits::from(&*config),
+            signer,
             metrics,
             emr,
             ehr,
             trusted,
             ids: RequestIds::new(),
+            shutdown,
+            config,
         })
     }
 
-    fn upstream(&self, origin: Origin) -> &Upstream {
+    pub(crate) fn upstream(&self, origin: Origin) -> &Upstream {
         match origin {
             Origin::Emr => &self.emr,
             Origin::Ehr => &self.ehr,
@@ -122,9 +159,11 @@ impl Gateway {
         conn: Arc<ConnInfo>,
         req: Request<Incoming>,
     ) -> Response<Body> {
-        let ctx = Ctx {
+        let mut ctx = Ctx {
             id: self.ids.next(),
             started: Instant::now(),
+            json: crate::problem::wants_json(req.headers()),
+            host: String::new(),
         };
         // The path only: query strings can carry patient details.
         let span = tracing::info_span!(
@@ -137,10 +176,17 @@ impl Gateway {
         async move {
             let method = req.method().clone();
             let (route, mut resp) = match self.classify(&conn, &req) {
-                Err(problem) => (Route::Unrouted, self.fail(&ctx, problem, req.headers())),
+                Err(problem) => (Route::Unrouted, self.fail(&ctx, problem)),
                 Ok(origin) => {
                     tracing::Span::current().record("origin", origin.as_str());
-                    (origin.into(), self.serve(&ctx, origin, &conn, req).await)
+                    ctx.host = route::request_host(req.uri(), req.headers())
+                        .unwrap_or_default()
+                        .to_owned();
+                    let resp = match self.serve(&ctx, origin, &conn, req).await {
+                        Ok(resp) => resp,
+                        Err(problem) => self.fail(&ctx, problem),
+                    };
+                    (origin.into(), resp)
                 }
             };
             if let Ok(v) = HeaderValue::from_str(&ctx.id) {
@@ -178,56 +224,63 @@ impl Gateway {
         origin: Origin,
         conn: &ConnInfo,
         req: Request<Incoming>,
-    ) -> Response<Body> {
-        if route::is_own_path(req.uri().path()) {
-            return self.own_endpoint(ctx, origin, req);
+    ) -> Result<Response<Body>, Problem> {
+        let path = req.uri().path();
+        if route::is_own_path(path) {
+            return self.own_endpoint(ctx, origin, conn, req).await;
         }
-        let request_headers = req.headers().clone();
-        match self.forward(ctx, origin, conn, req).await {
-            Ok(resp) => resp,
-            Err(problem) => self.fail(ctx, problem, &request_headers),
+        match origin {
+            Origin::Emr if path == self.config.emr.launch_path => self.launch(ctx, conn, req).await,
+            Origin::Emr => self.emr_traffic(ctx, conn, req).await,
+            Origin::Ehr => self.viewer_traffic(ctx, conn, req).await,
         }
     }
 
-    /// `/.ehrgate/` and `/.well-known/ehrgate/`: answered here, never forwarded.
-    fn own_endpoint(&self, ctx: &Ctx, _origin: Origin, req: Request<Incoming>) -> Response<Body> {
-        let problem =
-            Problem::not_found(format!("{} is not an ehrgate endpoint.", req.uri().path()))
-                .hint("Open the EMR from its usual address.");
-        self.fail(ctx, problem, req.headers())
-    }
-
-    /// Request filter, upstream exchange and response filter.
-    async fn forward(
+    /// The request filter: hop-by-hop fields and every client copy of a header ehrgate
+    /// vouches for removed, ehrgate's cookies removed, forwarding headers set, and the
+    /// target rewritten for the upstream.
+    pub fn prepare(
         &self,
         ctx: &Ctx,
         origin: Origin,
         conn: &ConnInfo,
         mut req: Request<Incoming>,
-    ) -> Result<Response<Body>, Problem> {
-        let upstream = self.upstream(origin);
+    ) -> Outbound {
         let upgrade =
             req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
-        let client_upgrade: Option<OnUpgrade> = if upgrade {
+        let client_upgrade = if upgrade {
             req.extensions_mut().remove::<OnUpgrade>()
         } else {
             None
         };
-
         let (mut parts, body) = req.into_parts();
-        let original_host = route::request_host(&parts.uri, &parts.headers)
-            .unwrap_or_default()
-            .to_owned();
         self.filter_request(&mut parts.headers, upgrade);
-        headers::set_forwarded(&mut parts.headers, conn.peer.ip(), &original_host, &ctx.id);
+        headers::set_forwarded(&mut parts.headers, conn.peer.ip(), &ctx.host, &ctx.id);
         // The upstream client names the upstream's own host, as its certificate expects.
         parts.headers.remove(HOST);
-        parts.uri = upstream.uri_for(parts.uri.path_and_query());
+        parts.uri = self.upstream(origin).uri_for(parts.uri.path_and_query());
         parts.version = Version::HTTP_11;
-        let up_req = Request::from_parts(parts, Body::from(body));
+        Outbound {
+            parts,
+            body: Body::from(body),
+            client_upgrade,
+        }
+    }
 
+    /// Sends a prepared request and applies the response filter's common part. A
+    /// protocol switch is tunnelled; `close` ends the tunnel when it turns `true`.
+    pub async fn exchange(
+        &self,
+        origin: Origin,
+        out: Outbound,
+        close: Option<watch::Receiver<bool>>,
+    ) -> Result<Response<Incoming>, Problem> {
+        let upstream = self.upstream(origin);
         let sent = Instant::now();
-        let mut resp = match upstream.send(up_req).await {
+        let mut resp = match upstream
+            .send(Request::from_parts(out.parts, out.body))
+            .await
+        {
             Ok(resp) => resp,
             Err(e) => {
                 self.metrics.upstream_failure(origin, e.failure_kind());
@@ -238,9 +291,22 @@ impl Gateway {
 
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching {
-            match (client_upgrade, resp.extensions_mut().remove::<OnUpgrade>()) {
+            match (
+                out.client_upgrade,
+                resp.extensions_mut().remove::<OnUpgrade>(),
+            ) {
                 (Some(client), Some(server)) => {
-                    upgrade::spawn_tunnel(client, server, self.metrics.clone(), None);
+                    let mut shutdown = self.shutdown.clone();
+                    let close = close.unwrap_or_else(|| {
+                        // No session to follow: the tunnel ends with the server.
+                        let (tx, rx) = watch::channel(false);
+                        tokio::spawn(async move {
+                            crate::server::signalled(&mut shutdown).await;
+                            let _ = tx.send(true);
+                        });
+                        rx
+                    });
+                    upgrade::spawn_tunnel(client, server, self.metrics.clone(), Some(close));
                 }
                 _ => {
                     return Err(Problem::new(
@@ -257,10 +323,11 @@ impl Gateway {
             }
         }
         headers::strip_hop_by_hop(resp.headers_mut(), switching);
-        Ok(resp.map(Body::from))
+        Ok(resp)
     }
 
-    /// Removes hop-by-hop fields and every client copy of a header ehrgate vouches for.
+    /// Removes hop-by-hop fields, every client copy of a header ehrgate vouches for, and
+    /// ehrgate's own cookies.
     fn filter_request(&self, headers: &mut http::HeaderMap, upgrade: bool) {
         headers::strip_hop_by_hop(headers, upgrade);
         for (name, severity) in self.trusted.strip(headers) {
@@ -274,14 +341,10 @@ impl Gateway {
             }
         }
         headers::fold_cookies(headers);
+        cookies::strip_own(headers);
     }
 
-    fn fail(
-        &self,
-        ctx: &Ctx,
-        problem: Problem,
-        request_headers: &http::HeaderMap,
-    ) -> Response<Body> {
+    pub(crate) fn fail(&self, ctx: &Ctx, problem: Problem) -> Response<Body> {
         let cause = problem.cause_chain();
         match problem.side {
             Side::Downstream => debug!(
@@ -296,6 +359,6 @@ impl Gateway {
                 warn!(status = problem.status.as_u16(), code = problem.code, cause = %cause, "internal error")
             }
         }
-        problem.to_response(&ctx.id, request_headers)
+        problem.into_response(&ctx.id, ctx.json)
     }
 }

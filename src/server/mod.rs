@@ -54,6 +54,7 @@ pub struct Prepared {
     pub gateway: Arc<Gateway>,
     pub metrics: Arc<Metrics>,
     tls: Arc<rustls::ServerConfig>,
+    shutdown: watch::Sender<bool>,
 }
 
 impl Prepared {
@@ -61,12 +62,14 @@ impl Prepared {
         let config = Arc::new(config);
         let tls = tls::server_config(&config.server.tls_cert, &config.server.tls_key)?;
         let metrics = Arc::new(Metrics::new());
-        let gateway = Arc::new(Gateway::new(config.clone(), metrics.clone())?);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let gateway = Arc::new(Gateway::new(config.clone(), metrics.clone(), shutdown_rx)?);
         Ok(Self {
             config,
             gateway,
             metrics,
             tls,
+            shutdown,
         })
     }
 }
@@ -104,6 +107,7 @@ pub async fn start_prepared(prepared: Prepared) -> Result<Running, StartError> {
         gateway,
         metrics,
         tls,
+        shutdown: shutdown_tx,
     } = prepared;
     let server = &config.server;
     let listener = TcpListener::bind(server.listen)
@@ -128,7 +132,7 @@ pub async fn start_prepared(prepared: Prepared) -> Result<Running, StartError> {
         .expect("bound listener has an address");
 
     let health = Arc::new(Health::default());
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown_rx = shutdown_tx.subscribe();
     // The admin listener outlives the drain, so /readyz can say "shutting down".
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
     let admin_task = tokio::spawn(admin::serve(
@@ -136,10 +140,12 @@ pub async fn start_prepared(prepared: Prepared) -> Result<Running, StartError> {
         admin::AdminState {
             metrics: metrics.clone(),
             health: health.clone(),
+            gateway: gateway.clone(),
         },
         admin_stop_rx,
     ));
 
+    crate::lifecycle::spawn_sweeper(gateway.clone());
     let accept = AcceptLoop {
         listener,
         acceptor: TlsAcceptor::from(tls),

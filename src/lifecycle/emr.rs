@@ -1,0 +1,58 @@
+//! EMR traffic: forwarded as it is, while watching for the EMR session's end (a logout
+//! path, or a response that expires its cookie) and keeping its `last_seen` fresh.
+
+use http::header::SET_COOKIE;
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::body::Body;
+use crate::problem::Problem;
+use crate::proxy::cookies;
+use crate::proxy::route::Origin;
+use crate::proxy::{ConnInfo, Ctx, Gateway};
+use crate::session::decide::{self, EndReason};
+use crate::session::TokenHash;
+
+impl Gateway {
+    pub(crate) async fn emr_traffic(
+        &self,
+        ctx: &Ctx,
+        conn: &ConnInfo,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, Problem> {
+        let cfg = &self.config.emr;
+        let key = cookies::get(req.headers(), &cfg.session_cookie).map(TokenHash::of);
+        if let Some(key) = &key {
+            if cfg.logout_paths.iter().any(|p| p == req.uri().path()) {
+                // Before the EMR even answers: the viewer is closed whatever it says.
+                self.sign_out_emr(key, EndReason::EmrLogoutPath, Some(&ctx.id))
+                    .await;
+            } else if let Some(emr) = self.store.emr(key) {
+                let now = self.store.now();
+                if decide::emr_idle(&emr, now, self.limits.emr_idle) {
+                    self.sign_out_emr(key, EndReason::EmrIdle, Some(&ctx.id))
+                        .await;
+                } else {
+                    emr.touch(now);
+                }
+            }
+        }
+        let out = self.prepare(ctx, Origin::Emr, conn, req);
+        let resp = self.exchange(Origin::Emr, out, None).await?;
+        if let Some(key) = &key {
+            let unix = time::OffsetDateTime::now_utc().unix_timestamp();
+            let expired = resp
+                .headers()
+                .get_all(SET_COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| decide::set_cookie_expires(v, &cfg.session_cookie, unix));
+            if expired {
+                // Before the response reaches the browser.
+                self.sign_out_emr(key, EndReason::EmrCookieExpired, Some(&ctx.id))
+                    .await;
+            }
+        }
+        Ok(resp.map(Body::from))
+    }
+}

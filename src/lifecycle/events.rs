@@ -1,0 +1,126 @@
+//! Tab closing: `/.ehrgate/session.js` subscribes to `/.ehrgate/events` (Server-Sent
+//! Events) and closes the viewer window on `logout`, or, where the browser will not let a
+//! script close it, replaces the page with the ended notice.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use http::{Request, Response, StatusCode};
+use http_body::Frame;
+use hyper::body::Incoming;
+use tokio::sync::mpsc;
+
+use crate::body::Body;
+use crate::problem::{BoxError, Problem};
+use crate::proxy::cookies::{self, EHR_COOKIE};
+use crate::proxy::Gateway;
+use crate::session::TokenHash;
+
+/// A comment line keeps idle proxies and browsers from dropping the stream.
+const HEARTBEAT: Duration = Duration::from_secs(20);
+
+const SCRIPT: &str = r#"// ehrgate: close this viewer window when the EHR session ends.
+(function () {
+  if (window.__ehrgateSession) return;
+  window.__ehrgateSession = true;
+  var ended = false;
+  function showEnded() {
+    document.title = "EHR session ended";
+    document.documentElement.innerHTML =
+      '<head><meta charset="utf-8"><title>EHR session ended</title></head>' +
+      '<body style="font-family:system-ui,sans-serif;max-width:40rem;margin:3rem auto">' +
+      '<h1 id="ehrgate-ended">EHR session ended \u2014 relaunch from the EMR</h1>' +
+      '<p>You signed out of the EMR, or disconnected from the EHR. Open the patient\u2019s ' +
+      'chart in the EMR and press EHR to continue.</p></body>';
+  }
+  function end() {
+    if (ended) return;
+    ended = true;
+    try { source.close(); } catch (e) {}
+    window.close();
+    // Still open: the browser did not let a script close it.
+    setTimeout(function () { if (!window.closed) showEnded(); }, 250);
+  }
+  var source = new EventSource("/.ehrgate/events");
+  source.addEventListener("logout", end);
+  source.onerror = function () {
+    // CLOSED means the session is gone (the stream was refused); CONNECTING is a retry.
+    if (source.readyState === 2) end();
+  };
+})();
+"#;
+
+pub(super) fn script() -> Response<Body> {
+    let mut resp = Response::new(Body::full(SCRIPT));
+    let h = resp.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/javascript; charset=utf-8"),
+    );
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// The event stream's body: frames sent by its task.
+struct EventBody(mpsc::Receiver<Bytes>);
+
+impl http_body::Body for EventBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+impl Gateway {
+    pub(crate) fn events(&self, req: &Request<Incoming>) -> Result<Response<Body>, Problem> {
+        let session = cookies::get_all(req.headers(), EHR_COOKIE)
+            .find_map(|v| self.store.ehr(&TokenHash::of(v)));
+        let Some(session) = session else {
+            return Err(self.ehr_session_ended(req.headers()));
+        };
+        let mut closed = session.watch_closed();
+        drop(session);
+        let mut shutdown = self.shutdown.clone();
+        let (tx, rx) = mpsc::channel::<Bytes>(4);
+        tokio::spawn(async move {
+            if tx
+                .send(Bytes::from_static(b"retry: 3000\n: connected\n\n"))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let mut beat = tokio::time::interval(HEARTBEAT);
+            beat.tick().await;
+            loop {
+                tokio::select! {
+                    _ = crate::server::signalled(&mut closed) => {
+                        let _ = tx.send(Bytes::from_static(b"event: logout\ndata: {}\n\n")).await;
+                        return;
+                    }
+                    // The browser reconnects to another ehrgate (or this one, restarted).
+                    _ = crate::server::signalled(&mut shutdown) => return,
+                    _ = tx.closed() => return,
+                    _ = beat.tick() => {
+                        if tx.send(Bytes::from_static(b": ping\n\n")).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let mut resp = Response::new(Body::stream(EventBody(rx)));
+        *resp.status_mut() = StatusCode::OK;
+        let h = resp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        Ok(resp)
+    }
+}

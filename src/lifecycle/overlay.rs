@@ -1,0 +1,90 @@
+//! What the EMR's EHR overlay asks: `GET /.ehrgate/status` (connected? which authority?
+//! which may be chosen?) and `POST /.ehrgate/disconnect` (end the EHR side only).
+
+use http::{HeaderMap, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::json_response;
+use crate::audit::{Event, Record};
+use crate::body::Body;
+use crate::config::Authority;
+use crate::problem::Problem;
+use crate::proxy::cookies::{self, EMR_MARKER_COOKIE};
+use crate::proxy::{Ctx, Gateway};
+use crate::session::decide::EndReason;
+use crate::session::{EhrSession, EmrSession, TokenHash};
+
+fn authority_json(a: &Authority) -> serde_json::Value {
+    json!({"id": a.id, "name": a.name, "default": a.default})
+}
+
+impl Gateway {
+    /// The EMR session the `__Host-ehrgate-emr` marker names, if still live.
+    fn emr_of_marker(&self, headers: &HeaderMap) -> Option<std::sync::Arc<EmrSession>> {
+        cookies::get_all(headers, EMR_MARKER_COOKIE)
+            .find_map(|m| self.store.emr_by_marker(&TokenHash::of(m)))
+    }
+
+    fn status_json(&self, ehr: Option<&EhrSession>) -> serde_json::Value {
+        json!({
+            "connected": ehr.is_some(),
+            "authority": ehr.map(|s| authority_json(&s.authority)),
+            "authorities": self.config.authorities.iter().map(authority_json).collect::<Vec<_>>(),
+        })
+    }
+
+    pub(crate) fn status(&self, req: &Request<Incoming>) -> Response<Body> {
+        let ehr = self
+            .emr_of_marker(req.headers())
+            .and_then(|emr| self.store.ehr_of_emr(&emr.key));
+        json_response(StatusCode::OK, &self.status_json(ehr.as_deref()))
+    }
+
+    pub(crate) async fn disconnect(
+        &self,
+        ctx: &Ctx,
+        req: &Request<Incoming>,
+    ) -> Result<Response<Body>, Problem> {
+        if let Some(why) = same_origin_refusal(req.headers(), &self.config.emr.host) {
+            self.audit_best_effort(
+                &Record::new(Event::Deny, "refused")
+                    .request_id(&ctx.id)
+                    .detail(format!("disconnect: cross-site request ({why})")),
+            );
+            return Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                "cross_site",
+                "Disconnect refused",
+                "Disconnect works only from the EMR's own pages.",
+            ));
+        }
+        if let Some(emr) = self.emr_of_marker(req.headers()) {
+            let ehr = self.store.ehr_of_emr(&emr.key);
+            if self
+                .end_ehr_of(&emr.key, EndReason::Disconnect, Some(&ctx.id))
+                .await
+            {
+                let mut record = Record::new(Event::Disconnect, "ok")
+                    .user(&emr.user)
+                    .request_id(&ctx.id);
+                if let Some(ehr) = ehr {
+                    record = record.uao(&ehr.authority.id);
+                }
+                self.audit_best_effort(&record);
+            }
+        }
+        Ok(json_response(StatusCode::OK, &self.status_json(None)))
+    }
+}
+
+/// Disconnect is same-origin only: any `Sec-Fetch-Site` but `same-origin`, or an
+/// `Origin`/`Referer` not on the EMR host, refuses it.
+fn same_origin_refusal(headers: &HeaderMap, emr_host: &str) -> Option<&'static str> {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        if site.as_bytes() != b"same-origin" {
+            return Some("Sec-Fetch-Site is not same-origin");
+        }
+    }
+    crate::session::decide::cross_site(headers, emr_host)
+}

@@ -1,0 +1,246 @@
+//! Viewer traffic (DESIGN §6): every request to the viewer host needs a live EHR session.
+//! Vault mode keeps the viewer's cookies here; the MRP override is audited; viewer pages
+//! get the tab-closing script.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{
+    HeaderValue, ACCEPT, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, COOKIE,
+    SET_COOKIE,
+};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tracing::debug;
+
+use super::{form, inject};
+use crate::audit::{Event, Record};
+use crate::body::Body;
+use crate::config::CookieMode;
+use crate::problem::Problem;
+use crate::proxy::cookies::{self, EHR_COOKIE};
+use crate::proxy::route::Origin;
+use crate::proxy::{ConnInfo, Ctx, Gateway};
+use crate::session::decide::{self, EndReason};
+use crate::session::{EhrSession, TokenHash};
+
+impl Gateway {
+    /// The live EHR session the request's `__Host-ehrgate` names, after enforcing its
+    /// limits and its EMR session's; `None` means the request must be refused.
+    pub(crate) async fn live_ehr_session(
+        &self,
+        headers: &HeaderMap,
+        ctx: &Ctx,
+    ) -> Option<Arc<EhrSession>> {
+        let session = cookies::get_all(headers, EHR_COOKIE)
+            .find_map(|v| self.store.ehr(&TokenHash::of(v)))?;
+        let now = self.store.now();
+        let l = &self.limits;
+        if let Some(reason) = decide::ehr_expired(&session, now, l.ehr_idle, l.ehr_lifetime) {
+            self.end_ehr_of(&session.emr, reason, Some(&ctx.id)).await;
+            return None;
+        }
+        match self.store.emr(&session.emr) {
+            None => {
+                self.end_ehr_of(&session.emr, EndReason::EmrGone, Some(&ctx.id))
+                    .await;
+                return None;
+            }
+            Some(emr) if decide::emr_idle(&emr, now, l.emr_idle) => {
+                self.sign_out_emr(&emr.key, EndReason::EmrIdle, Some(&ctx.id))
+                    .await;
+                return None;
+            }
+            Some(_) => {}
+        }
+        session.touch(now);
+        Some(session)
+    }
+
+    pub(crate) async fn viewer_traffic(
+        &self,
+        ctx: &Ctx,
+        conn: &ConnInfo,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, Problem> {
+        let Some(session) = self.live_ehr_session(req.headers(), ctx).await else {
+            return Err(self.ehr_session_ended(req.headers()));
+        };
+        let path = req.uri().path().to_owned();
+        let observe_override =
+            req.method() == Method::POST && path == self.config.ehr.override_path;
+        let mut out = self.prepare(ctx, Origin::Ehr, conn, req);
+        if self.config.ehr.cookie_mode == CookieMode::Vault {
+            out.parts.headers.remove(COOKIE);
+            let unix = time::OffsetDateTime::now_utc().unix_timestamp();
+            let jar = session.jar.lock().expect("jar lock");
+            if let Some(c) = jar.header_for(&path, unix) {
+                if let Ok(v) = HeaderValue::from_str(&c) {
+                    out.parts.headers.insert(COOKIE, v);
+                }
+            }
+        }
+        if observe_override {
+            let body = std::mem::replace(&mut out.body, Body::empty());
+            out.body = self
+                .observe_override(ctx, &session, &out.parts.headers, body)
+                .await?;
+        }
+        let inject = self.wants_injection(&mut out.parts.headers);
+        let resp = self
+            .exchange(Origin::Ehr, out, Some(session.watch_closed()))
+            .await?;
+        Ok(self.viewer_response(resp, &session, inject))
+    }
+
+    /// The 401 for a viewer request without a live session, expiring what the browser
+    /// holds for the viewer host.
+    pub(crate) fn ehr_session_ended(&self, headers: &HeaderMap) -> Problem {
+        let mut p = Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "ehr_session_ended",
+            "EHR session ended — relaunch from the EMR",
+            "Your EHR session has ended (signed out, disconnected, or unused for too long).",
+        )
+        .hint("Go back to the EMR, open the patient's chart and press EHR.");
+        if let Some(v) = cookies::expire(EHR_COOKIE, "/") {
+            p = p.with_header(SET_COOKIE, v);
+        }
+        if self.config.ehr.cookie_mode == CookieMode::Passthrough {
+            // Every other cookie on the viewer host is the viewer's.
+            for name in cookies::names(headers) {
+                if name != EHR_COOKIE {
+                    if let Some(v) = cookies::expire(&name, "/") {
+                        p = p.with_header(SET_COOKIE, v);
+                    }
+                }
+            }
+        }
+        p
+    }
+
+    /// Reads the override form (bounded), audits it with its reason, and gives back the
+    /// body to forward. No record, no forward.
+    async fn observe_override(
+        &self,
+        ctx: &Ctx,
+        session: &EhrSession,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Result<Body, Problem> {
+        let limit = self.config.server.max_form_bytes;
+        let too_large = || {
+            Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "form_too_large",
+                "Form too large",
+                format!("The override form is larger than {limit} bytes."),
+            )
+        };
+        if headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .is_some_and(|n| n > limit)
+        {
+            return Err(too_large());
+        }
+        let bytes: Bytes = http_body_util::Limited::new(body, limit)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    too_large()
+                } else {
+                    Problem::bad_request("The override form could not be read.").cause(e)
+                }
+            })?
+            .to_bytes();
+        let is_form = headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+        let reason = if is_form {
+            std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|text| form::value(text, &self.config.ehr.override_reason_field))
+                .map(|r| r.chars().take(500).collect::<String>())
+        } else {
+            None
+        };
+        let patient = session.patient.lock().expect("patient lock").clone();
+        let mut record = Record::new(Event::Override, "ok")
+            .user(&session.user)
+            .uao(&session.authority.id)
+            .patient(
+                &patient.demographic_no,
+                Some(patient.hcn_hmac).filter(|h| !h.is_empty()),
+            )
+            .request_id(&ctx.id);
+        match &reason {
+            Some(r) => record = record.reason(r),
+            None => record = record.detail("no reason field in the form"),
+        }
+        self.audit_or_refuse(&record)?;
+        Ok(Body::full(bytes))
+    }
+
+    /// For page requests, asks the viewer for an uncompressed answer so the session
+    /// script can be added; returns whether to try adding it.
+    pub(crate) fn wants_injection(&self, headers: &mut HeaderMap) -> bool {
+        if !self.config.ehr.inject_session_script {
+            return false;
+        }
+        let html = headers
+            .get(ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("text/html"));
+        if html {
+            headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        }
+        html
+    }
+
+    /// The response filter for the viewer: its cookies into the jar (vault mode keeps
+    /// them from the browser), and the session script into its pages.
+    pub(crate) fn viewer_response(
+        &self,
+        resp: Response<Incoming>,
+        session: &EhrSession,
+        inject: bool,
+    ) -> Response<Body> {
+        let (mut parts, body) = resp.into_parts();
+        if parts.headers.contains_key(SET_COOKIE) {
+            let unix = time::OffsetDateTime::now_utc().unix_timestamp();
+            let mut jar = session.jar.lock().expect("jar lock");
+            for v in parts.headers.get_all(SET_COOKIE) {
+                if let Ok(v) = v.to_str() {
+                    jar.capture(v, unix);
+                }
+            }
+            if self.config.ehr.cookie_mode == CookieMode::Vault {
+                parts.headers.remove(SET_COOKIE);
+            }
+        }
+        let html = parts
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/html"));
+        let identity = parts
+            .headers
+            .get(CONTENT_ENCODING)
+            .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        if inject && html && identity && parts.status != StatusCode::NOT_MODIFIED {
+            parts.headers.remove(CONTENT_LENGTH);
+            // The page differs from what the viewer sent: its validators no longer apply.
+            parts.headers.remove(http::header::ETAG);
+            debug!("adding the session script to a viewer page");
+            return Response::from_parts(parts, inject::with_session_script(Body::from(body)));
+        }
+        Response::from_parts(parts, Body::from(body))
+    }
+}

@@ -1,0 +1,129 @@
+//! Reading and rewriting `Cookie` request headers, and writing ehrgate's own cookies.
+
+use http::header::{HeaderValue, COOKIE};
+use http::HeaderMap;
+
+/// The cookie on the EHR host that names the EHR session.
+pub const EHR_COOKIE: &str = "__Host-ehrgate";
+/// The cookie on the EMR host that names the EMR session to `/.ehrgate/` endpoints.
+pub const EMR_MARKER_COOKIE: &str = "__Host-ehrgate-emr";
+
+/// Every ehrgate cookie starts so; none is ever forwarded upstream.
+const OWN_PREFIX: &str = "__Host-ehrgate";
+
+fn pairs(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| {
+            let (name, value) = pair.split_once('=')?;
+            Some((name.trim(), value.trim()))
+        })
+}
+
+/// The value of the first cookie called `name`.
+pub fn get<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    pairs(headers).find(|(n, _)| *n == name).map(|(_, v)| v)
+}
+
+/// Every cookie value called `name` (a browser may send several with different paths).
+pub fn get_all<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    pairs(headers)
+        .filter(move |(n, _)| *n == name)
+        .map(|(_, v)| v)
+}
+
+/// Names of every cookie sent.
+pub fn names(headers: &HeaderMap) -> Vec<String> {
+    pairs(headers).map(|(n, _)| n.to_string()).collect()
+}
+
+/// Removes ehrgate's own cookies from the `Cookie` header (one field left, or none).
+pub fn strip_own(headers: &mut HeaderMap) {
+    let has_own = headers.get_all(COOKIE).iter().any(|v| {
+        v.as_bytes()
+            .windows(OWN_PREFIX.len())
+            .any(|w| w == OWN_PREFIX.as_bytes())
+    });
+    if !has_own {
+        return;
+    }
+    let kept: Vec<String> = pairs(headers)
+        .filter(|(n, _)| !n.starts_with(OWN_PREFIX))
+        .map(|(n, v)| format!("{n}={v}"))
+        .collect();
+    headers.remove(COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            headers.insert(COOKIE, v);
+        }
+    }
+}
+
+/// `Set-Cookie` for one of ehrgate's `__Host-` cookies (a browser session cookie).
+pub fn set(name: &str, value: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path=/; Secure; HttpOnly; SameSite=Lax"
+    ))
+    .expect("token values are base64url")
+}
+
+/// `Set-Cookie` that expires a cookie in the browser.
+pub fn expire(name: &str, path: &str) -> Option<HeaderValue> {
+    let secure = if name.starts_with("__Host-") || name.starts_with("__Secure-") {
+        "; Secure"
+    } else {
+        ""
+    };
+    HeaderValue::from_str(&format!(
+        "{name}=; Path={path}; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT{secure}"
+    ))
+    .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(v: &str) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        m.insert(COOKIE, v.parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn reads_cookies() {
+        let m = h("JSESSIONID=abc; __Host-ehrgate-emr=m1;pref=x=y");
+        assert_eq!(get(&m, "JSESSIONID"), Some("abc"));
+        assert_eq!(get(&m, "__Host-ehrgate-emr"), Some("m1"));
+        assert_eq!(get(&m, "pref"), Some("x=y"));
+        assert_eq!(get(&m, "__Host-ehrgate"), None);
+    }
+
+    #[test]
+    fn own_cookies_never_pass() {
+        let mut m = h("a=1; __Host-ehrgate=s; __Host-ehrgate-emr=m; b=2");
+        strip_own(&mut m);
+        assert_eq!(m[COOKIE], "a=1; b=2");
+        let mut only = h("__Host-ehrgate=s");
+        strip_own(&mut only);
+        assert!(only.get(COOKIE).is_none());
+        let mut untouched = h("a=1;b=2");
+        strip_own(&mut untouched);
+        assert_eq!(untouched[COOKIE], "a=1;b=2");
+    }
+
+    #[test]
+    fn writes_host_prefixed_cookies() {
+        let v = set(EHR_COOKIE, "tok");
+        assert_eq!(
+            v,
+            "__Host-ehrgate=tok; Path=/; Secure; HttpOnly; SameSite=Lax"
+        );
+        let e = expire(EHR_COOKIE, "/").unwrap();
+        assert!(e.to_str().unwrap().contains("Max-Age=0"));
+        assert!(e.to_str().unwrap().contains("Secure"));
+    }
+}
