@@ -113,6 +113,8 @@ fn check_config(path: &Path) -> ExitCode {
 
 /// Serves until SIGTERM or SIGINT, then shuts down gracefully.
 pub async fn run(config: Config) -> ExitCode {
+    // Installed before the "serving" line, so a signal sent after it is never missed.
+    let stop = Signals::install();
     let running = match server::start(config).await {
         Ok(r) => r,
         Err(e) => return start_failed(e),
@@ -121,7 +123,7 @@ pub async fn run(config: Config) -> ExitCode {
         "ehrgate: serving https on {} (admin http on {})",
         running.proxy_addr, running.admin_addr
     );
-    wait_for_signal().await;
+    stop.wait().await;
     running.shutdown();
     running.wait().await;
     ExitCode::SUCCESS
@@ -135,26 +137,49 @@ pub fn start_failed(e: StartError) -> ExitCode {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
-pub async fn wait_for_signal() {
+/// SIGTERM and SIGINT (Ctrl-C), listened for from the moment of `install`.
+pub struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    pub fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Self {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
             }
         }
+        #[cfg(not(unix))]
+        Self {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Resolves on the first of them.
+    pub async fn wait(mut self) {
+        #[cfg(unix)]
+        {
+            async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                _ = recv(&mut self.term) => {}
+                _ = recv(&mut self.int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("signal received: shutting down");
     }
-    tracing::info!("signal received: shutting down");
 }

@@ -134,6 +134,7 @@ pub async fn run(listen: SocketAddr) -> ExitCode {
         |req| async move { stand_in_page("Demo EHR viewer", &req) },
     );
 
+    let stop = crate::cli::Signals::install();
     let running = match server::start(config(listen, &files, emr_addr, ehr_addr)).await {
         Ok(r) => r,
         Err(e) => {
@@ -159,7 +160,7 @@ pub async fn run(listen: SocketAddr) -> ExitCode {
         "    curl --cacert {} https://{EMR_HOST}:{port}/",
         files.ca_cert.display()
     );
-    crate::cli::wait_for_signal().await;
+    stop.wait().await;
     running.shutdown();
     running.wait().await;
     ExitCode::SUCCESS

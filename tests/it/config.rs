@@ -66,9 +66,9 @@ fn unknown_key() {
 #[test]
 fn bad_duration() {
     let files = Files::new();
-    let text = format!(
-        "{}\n[session]\nidle_timeout = \"half an hour\"\n",
-        valid(&files)
+    let text = valid(&files).replace(
+        "[session]\n",
+        "[session]\nidle_timeout = \"half an hour\"\n",
     );
     refused(&text, &["session.idle_timeout", "invalid duration"]);
 }

@@ -148,7 +148,7 @@ async fn silent_upstream_is_504() {
     let gate =
         Gate::start(Setup::new(silent, silent).server("upstream_response_timeout = \"300ms\""))
             .await;
-    let r = gate.client().get(EHR, "/chart").await;
+    let r = gate.client().get(EMR, "/chart").await;
     assert_eq!(r.status, 504);
     assert!(r.text().contains("did not answer in time"));
 }

@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, StreamBody};
 use tokio::sync::{oneshot, Mutex, Notify};
 
 use crate::support::upstream::{self, Echo};
-use crate::support::{Child, Gate, Setup, EHR, EMR};
+use crate::support::{Child, Gate, Setup, EMR};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -40,9 +40,9 @@ async fn streams_64_mib_both_ways_with_small_proxy_memory() {
     assert_eq!(r.json()["body_len"], size);
 
     // Download: 64 MiB over HTTP/2, counted here frame by frame, never collected.
-    let mut h2 = client.h2(EHR).await;
+    let mut h2 = client.h2(EMR).await;
     let req = h2
-        .request(EHR, &format!("/download?bytes={size}"))
+        .request(EMR, &format!("/download?bytes={size}"))
         .body(Body::empty())
         .unwrap();
     h2.send.ready().await.unwrap();

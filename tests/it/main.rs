@@ -5,5 +5,6 @@ mod support;
 
 mod config;
 mod errors;
+mod flows;
 mod lifecycle;
 mod proxy;

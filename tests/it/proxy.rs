@@ -33,39 +33,42 @@ async fn get_and_post_reach_the_upstream_of_their_host() {
     );
     assert_eq!(v["headers"]["x-forwarded-host"][0], EMR);
 
-    let mut c = client.h1(EHR).await;
-    let req = Request::post("/override")
-        .header("host", EHR)
+    let mut c = client.h1(EMR).await;
+    let req = Request::post("/oscar/form.do")
+        .header("host", EMR)
         .header("content-type", "application/x-www-form-urlencoded")
         .body(Body::full("reason=PATCONS"))
         .unwrap();
     let r = c.fetch(req).await;
     assert_eq!(r.status, 200);
     let v = r.json();
-    assert_eq!(v["upstream"], "ehr");
+    assert_eq!(v["upstream"], "emr");
     assert_eq!(v["method"], "POST");
     assert_eq!(v["body"], "reason=PATCONS");
-    assert_eq!((emr.hits(), ehr.hits()), (1, 1));
+    // Without an EHR session the viewer host refuses, and the viewer sees nothing.
+    let r = client.get(EHR, "/chart").await;
+    assert_eq!(r.status, 401);
+    assert_eq!((emr.hits(), ehr.hits()), (2, 0));
 }
 
 #[tokio::test]
 async fn http2_client_reaches_an_http1_upstream() {
     let (gate, _emr, _ehr) = gate().await;
-    let mut c = gate.client().h2(EHR).await;
+    let mut c = gate.client().h2(EMR).await;
     for i in 0..3 {
-        let r = c.get(EHR, &format!("/chart/{i}")).await;
+        let r = c.get(EMR, &format!("/chart/{i}")).await;
         assert_eq!(r.status, 200);
         let v = r.json();
         assert_eq!(v["version"], "HTTP/1.1");
         assert_eq!(v["path"], format!("/chart/{i}"));
         assert_eq!(
             v["headers"]["x-forwarded-host"][0],
-            format!("{EHR}:{}", gate.addr.port())
+            format!("{EMR}:{}", gate.addr.port())
         );
     }
     // Cookies an HTTP/2 client splits are folded into one field for HTTP/1.1.
     let req = c
-        .request(EHR, "/c")
+        .request(EMR, "/c")
         .header("cookie", "a=1")
         .header("cookie", "b=2")
         .body(Body::empty())
@@ -115,9 +118,9 @@ async fn hop_by_hop_and_connection_named_headers_are_removed_both_ways() {
 #[tokio::test]
 async fn forged_forwarding_and_context_headers_are_replaced() {
     let (gate, _emr, _ehr) = gate().await;
-    let mut c = gate.client().h1(EHR).await;
+    let mut c = gate.client().h1(EMR).await;
     let req = Request::get("/chart")
-        .header("host", EHR)
+        .header("host", EMR)
         .header("x-forwarded-for", "6.6.6.6")
         .header("x_forwarded_for", "7.7.7.7")
         .header("x-forwarded-proto", "http")
@@ -133,7 +136,7 @@ async fn forged_forwarding_and_context_headers_are_replaced() {
     assert_eq!(h["x-forwarded-for"], serde_json::json!(["127.0.0.1"]));
     assert!(h.get("x_forwarded_for").is_none());
     assert_eq!(h["x-forwarded-proto"], serde_json::json!(["https"]));
-    assert_eq!(h["x-forwarded-host"], serde_json::json!([EHR]));
+    assert_eq!(h["x-forwarded-host"], serde_json::json!([EMR]));
     assert!(h.get("forwarded").is_none());
     assert!(
         h.get("x-ehr-context").is_none() && h.get("x_ehr_context").is_none(),
@@ -167,8 +170,8 @@ async fn own_paths_are_never_forwarded() {
 #[tokio::test]
 async fn websocket_echo_through_the_proxy() {
     let (gate, _emr, _ehr) = gate().await;
-    let tls = gate.client().tls(EHR, &[b"http/1.1"]).await;
-    let url = format!("wss://{EHR}:{}/ws", gate.addr.port());
+    let tls = gate.client().tls(EMR, &[b"http/1.1"]).await;
+    let url = format!("wss://{EMR}:{}/ws", gate.addr.port());
     let (mut ws, resp) = tokio_tungstenite::client_async(url, tls)
         .await
         .expect("WebSocket handshake through ehrgate");

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod clinic;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -62,6 +63,13 @@ pub struct Setup {
     pub server: String,
     /// Extra tables appended at the end.
     pub tail: String,
+    pub emr: String,
+    pub ehr: String,
+    pub session: String,
+    /// The audit log's directory is a file: nothing can be written.
+    pub audit_blocked: bool,
+    /// Whether the configured authority is marked `default = true`.
+    pub default_authority: bool,
 }
 
 impl Setup {
@@ -71,7 +79,31 @@ impl Setup {
             ehr_upstream: format!("http://{ehr}"),
             server: String::new(),
             tail: String::new(),
+            emr: String::new(),
+            ehr: String::new(),
+            session: String::new(),
+            audit_blocked: false,
+            default_authority: true,
         }
+    }
+
+    /// Extra lines for the [emr] table.
+    pub fn emr(mut self, lines: &str) -> Self {
+        self.emr.push_str(lines);
+        self.emr.push('\n');
+        self
+    }
+
+    pub fn ehr(mut self, lines: &str) -> Self {
+        self.ehr.push_str(lines);
+        self.ehr.push('\n');
+        self
+    }
+
+    pub fn session(mut self, lines: &str) -> Self {
+        self.session.push_str(lines);
+        self.session.push('\n');
+        self
     }
 
     pub fn server(mut self, lines: &str) -> Self {
@@ -93,21 +125,27 @@ tls_key = {key:?}
 [emr]
 host = "{EMR}"
 upstream = "{emr}"
+{emr_extra}
 
 [ehr]
 host = "{EHR}"
 upstream = "{ehr}"
+{ehr_extra}
+
+[session]
+{session_extra}
 
 [[authority]]
 id = "2.16.840.1.113883.3.239.9:101"
 name = "Maple Family Health Team"
-default = true
+default = {default_authority}
 
 [context]
 signing_key = {signing:?}
 
 [audit]
 path = {audit:?}
+{hash_key}
 
 [log]
 filter = "warn"
@@ -116,7 +154,22 @@ filter = "warn"
             cert = files.cert.display().to_string(),
             key = files.key.display().to_string(),
             signing = files.signing_key.display().to_string(),
-            audit = files.path("audit.jsonl").display().to_string(),
+            audit = if self.audit_blocked {
+                let blocker = files.path("blocked");
+                std::fs::write(&blocker, "a file where the audit directory should be").unwrap();
+                blocker.join("audit.jsonl").display().to_string()
+            } else {
+                files.path("audit.jsonl").display().to_string()
+            },
+            hash_key = if self.audit_blocked {
+                "hash_key = \"test-key-test-key-test-key-test-key\""
+            } else {
+                ""
+            },
+            default_authority = self.default_authority,
+            emr_extra = self.emr,
+            ehr_extra = self.ehr,
+            session_extra = self.session,
             server = self.server,
             emr = self.emr_upstream,
             ehr = self.ehr_upstream,
