@@ -72,7 +72,8 @@ impl Gateway {
         known: &mut Known,
     ) -> Result<Response<Body>, Denied> {
         let cfg = &self.config;
-        if req.method() != Method::GET && req.method() != Method::HEAD {
+        // GET only: a HEAD must not mint a ticket.
+        if req.method() != Method::GET {
             return Err(denied(
                 "method",
                 Problem::new(

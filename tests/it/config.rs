@@ -137,3 +137,20 @@ fn no_authority() {
     let text = format!("{}{}", &text[..start], &text[end..]);
     refused(&text, &["authority", "at least one [[authority]]"]);
 }
+
+#[test]
+fn missing_signing_key() {
+    let files = Files::new();
+    let text = valid(&files).replace(
+        &files.signing_key.display().to_string(),
+        "/nonexistent/signing.pem",
+    );
+    refused(
+        &text,
+        &[
+            "context.signing_key",
+            "cannot read /nonexistent/signing.pem",
+            "openssl genpkey",
+        ],
+    );
+}

@@ -615,6 +615,37 @@ async fn script_is_added_to_pages_only() {
 }
 
 #[tokio::test]
+async fn a_compressed_page_passes_unchanged() {
+    let clinic = Clinic::start().await;
+    let browser = clinic.browser(DOCTOR);
+    assert_eq!(browser.open_chart("1001", None).await.status, 200);
+    let r = browser.viewer_get("/gzpage").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-encoding"), Some("gzip"));
+    assert_eq!(&r.body[..], &crate::support::clinic::GZ_PAGE[..]);
+}
+
+#[tokio::test]
+async fn a_failing_viewer_logout_is_audited_and_the_local_sign_out_stands() {
+    let clinic = Clinic::start().await;
+    let browser = clinic.browser(DOCTOR);
+    assert_eq!(browser.open_chart("1001", None).await.status, 200);
+    clinic
+        .viewer
+        .state
+        .logout_fails
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(browser.emr_get("/oscar/logout.jsp").await.status, 302);
+    assert_eq!(browser.viewer_get("/chart").await.status, 401);
+    let ended = clinic.audit_events("ehr_logout");
+    assert_eq!(ended[0]["result"], "error");
+    assert!(ended[0]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("viewer logout failed: status 500"));
+}
+
+#[tokio::test]
 async fn jwks_is_published_on_both_hosts() {
     let clinic = Clinic::start().await;
     let client = clinic.gate.client();

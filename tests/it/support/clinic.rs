@@ -148,6 +148,8 @@ pub struct ViewerState {
     /// The Cookie header of each logout call.
     pub logouts: Mutex<Vec<Option<String>>>,
     pub logged_out: Mutex<HashSet<String>>,
+    /// When set, the logout endpoint fails with 500.
+    pub logout_fails: std::sync::atomic::AtomicBool,
 }
 
 pub struct FakeViewer {
@@ -273,15 +275,26 @@ async fn viewer(state: Arc<ViewerState>, req: Request<Incoming>) -> Response<Bod
                 .get("cookie")
                 .map(|v| v.to_str().unwrap().to_string());
             state.logouts.lock().unwrap().push(header);
+            if state.logout_fails.load(Ordering::SeqCst) {
+                return text(StatusCode::INTERNAL_SERVER_ERROR, "viewer logout broke");
+            }
             if let Some(v) = vsession {
                 state.sessions.lock().unwrap().remove(&v);
                 state.logged_out.lock().unwrap().insert(v);
             }
             text(StatusCode::OK, "viewer logged out")
         }
+        "/gzpage" => Response::builder()
+            .header("content-type", "text/html")
+            .header("content-encoding", "gzip")
+            .body(Body::full(&GZ_PAGE[..]))
+            .unwrap(),
         _ => echo("ehr", req).await,
     }
 }
+
+/// A gzip-encoded page a viewer might send even when asked for identity.
+pub const GZ_PAGE: [u8; 12] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, b'<', b'h'];
 
 /// Cookies by host: (name, value) pairs.
 type CookieStore = HashMap<&'static str, Vec<(String, String)>>;
