@@ -137,6 +137,50 @@ impl ContextSigner {
     }
 }
 
+/// Verifies a compact JWS made by [`ContextSigner::sign`] against a JWKS document, as a
+/// viewer does: the header, the key by `kid`, the ES256 signature, then `exp`. Returns
+/// the claims. (ehrgate itself never verifies; the demo viewer and the tests do.)
+pub fn verify(
+    jws: &str,
+    jwks: &serde_json::Value,
+    now_unix: i64,
+) -> Result<serde_json::Value, String> {
+    use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
+    let mut parts = jws.split('.');
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("not a compact JWS".into());
+    };
+    let decode = |part: &str| {
+        URL_SAFE_NO_PAD
+            .decode(part)
+            .map_err(|_| "bad base64url".to_string())
+    };
+    let header: serde_json::Value =
+        serde_json::from_slice(&decode(h)?).map_err(|_| "bad header")?;
+    if header["alg"] != "ES256" || header["typ"] != "ehr-context+jwt" {
+        return Err(format!("unexpected header {header}"));
+    }
+    let key = jwks["keys"]
+        .as_array()
+        .and_then(|keys| keys.iter().find(|k| k["kid"] == header["kid"]))
+        .ok_or("no key with that kid")?;
+    let coordinate = |name: &str| decode(key[name].as_str().unwrap_or_default());
+    let mut point = vec![4u8];
+    point.extend(coordinate("x")?);
+    point.extend(coordinate("y")?);
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
+        .verify(format!("{h}.{p}").as_bytes(), &decode(s)?)
+        .map_err(|_| "signature does not verify".to_string())?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&decode(p)?).map_err(|_| "bad claims")?;
+    match claims["exp"].as_i64() {
+        Some(exp) if exp > now_unix => Ok(claims),
+        _ => Err("expired".into()),
+    }
+}
+
 /// A random JWT id.
 pub fn new_jti() -> Result<String, aws_lc_rs::error::Unspecified> {
     let mut b = [0u8; 16];
@@ -206,6 +250,23 @@ mod tests {
         UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
             .verify(signed.as_bytes(), &sig)
             .expect("signature verifies");
+        let jwks_doc: serde_json::Value = serde_json::from_slice(&s.jwks()).unwrap();
+        assert_eq!(
+            verify(&jws, &jwks_doc, 1_800_000_000).unwrap()["sub"],
+            "999998"
+        );
+        assert_eq!(
+            verify(&jws, &jwks_doc, 1_800_000_060).unwrap_err(),
+            "expired"
+        );
+        let forged = format!(
+            "{}.{}.{}",
+            parts[0],
+            URL_SAFE_NO_PAD.encode(b"{\"sub\":\"x\"}"),
+            parts[2]
+        );
+        assert!(verify(&forged, &jwks_doc, 0).is_err());
+        assert!(verify("a.b", &jwks_doc, 0).is_err());
         let mut tampered = signed.into_bytes();
         tampered[5] ^= 1;
         assert!(UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)

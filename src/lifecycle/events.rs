@@ -25,6 +25,10 @@ const SCRIPT: &str = r#"// ehrgate: close this viewer window when the EHR sessio
   if (window.__ehrgateSession) return;
   window.__ehrgateSession = true;
   var ended = false;
+  // Leaving the page (a link, a form) aborts the stream too: that is not an ending.
+  var leaving = false;
+  window.addEventListener("beforeunload", function () { leaving = true; });
+  window.addEventListener("pagehide", function () { leaving = true; });
   function showEnded() {
     document.title = "EHR session ended";
     document.documentElement.innerHTML =
@@ -35,7 +39,7 @@ const SCRIPT: &str = r#"// ehrgate: close this viewer window when the EHR sessio
       'chart in the EMR and press EHR to continue.</p></body>';
   }
   function end() {
-    if (ended) return;
+    if (ended || leaving) return;
     ended = true;
     try { source.close(); } catch (e) {}
     window.close();
@@ -45,8 +49,8 @@ const SCRIPT: &str = r#"// ehrgate: close this viewer window when the EHR sessio
   var source = new EventSource("/.ehrgate/events");
   source.addEventListener("logout", end);
   source.onerror = function () {
-    // CLOSED means the session is gone (the stream was refused); CONNECTING is a retry.
-    if (source.readyState === 2) end();
+    // CLOSED means the stream was refused (the session is gone); CONNECTING is a retry.
+    if (source.readyState === 2) setTimeout(end, 200);
   };
 })();
 "#;

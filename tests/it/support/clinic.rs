@@ -10,9 +10,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use ehrgate::body::Body;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -174,40 +171,9 @@ impl FakeViewer {
     }
 }
 
-/// Verifies a compact JWS against the JWKS; returns the claims.
+/// Verifies a compact JWS against the JWKS, now; returns the claims.
 pub fn verify(jws: &str, jwks: &Value) -> Result<Value, String> {
-    let parts: Vec<&str> = jws.split('.').collect();
-    if parts.len() != 3 {
-        return Err("not a compact JWS".into());
-    }
-    let header: Value = serde_json::from_slice(
-        &URL_SAFE_NO_PAD
-            .decode(parts[0])
-            .map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| e.to_string())?;
-    if header["alg"] != "ES256" || header["typ"] != "ehr-context+jwt" {
-        return Err(format!("header {header}"));
-    }
-    let key = jwks["keys"]
-        .as_array()
-        .and_then(|k| k.iter().find(|k| k["kid"] == header["kid"]))
-        .ok_or("unknown kid")?;
-    let mut point = vec![4u8];
-    point.extend(URL_SAFE_NO_PAD.decode(key["x"].as_str().unwrap()).unwrap());
-    point.extend(URL_SAFE_NO_PAD.decode(key["y"].as_str().unwrap()).unwrap());
-    let sig = URL_SAFE_NO_PAD
-        .decode(parts[2])
-        .map_err(|e| e.to_string())?;
-    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
-        .verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
-        .map_err(|_| "bad signature".to_string())?;
-    let claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    if claims["exp"].as_i64().unwrap_or(0) <= now {
-        return Err("expired".into());
-    }
-    Ok(claims)
+    ehrgate::context::verify(jws, jwks, time::OffsetDateTime::now_utc().unix_timestamp())
 }
 
 async fn viewer(state: Arc<ViewerState>, req: Request<Incoming>) -> Response<Body> {
