@@ -92,6 +92,10 @@ impl Record {
     }
 }
 
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
@@ -150,11 +154,17 @@ impl AuditLog {
         }
     }
 
-    /// HMAC-SHA256 of an HCN, hex.
+    /// HMAC-SHA256 of an HCN, hex, as `hcn_hmac` is written.
     pub fn hcn_hmac(&self, hcn: &str) -> Option<String> {
-        let key = self.hmac.as_ref()?;
-        let tag = hmac::sign(key, hcn.as_bytes());
-        Some(tag.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+        self.hcn_tag(hcn).map(|t| hex(&t))
+    }
+
+    /// HMAC-SHA256 of an HCN, raw.
+    pub fn hcn_tag(&self, hcn: &str) -> Option<[u8; 32]> {
+        let tag = hmac::sign(self.hmac.as_ref()?, hcn.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        Some(out)
     }
 
     /// Appends one record with one write. Returns only once the line is with the

@@ -104,8 +104,8 @@ impl Gateway {
         };
         session.touch(now);
         *session.patient.lock().expect("patient lock") = OpenedPatient {
-            demographic_no: t.patient.demographic_no.clone(),
-            hcn_hmac: hcn_hmac.unwrap_or_default(),
+            demographic_no: t.patient.demographic_no.parse().unwrap_or_default(),
+            hcn_hmac: self.audit.hcn_tag(&t.patient.hcn),
         };
 
         let unix = time::OffsetDateTime::now_utc().unix_timestamp();

@@ -88,7 +88,7 @@ impl Gateway {
         let Some(session) = session else {
             return Err(self.ehr_session_ended(req.headers()));
         };
-        let mut closed = session.watch_closed();
+        let mut closed = session.close_signal();
         drop(session);
         let mut shutdown = self.shutdown.clone();
         let (tx, rx) = mpsc::channel::<Bytes>(4);
@@ -104,7 +104,7 @@ impl Gateway {
             beat.tick().await;
             loop {
                 tokio::select! {
-                    _ = crate::server::signalled(&mut closed) => {
+                    _ = &mut closed => {
                         let _ = tx.send(Bytes::from_static(b"event: logout\ndata: {}\n\n")).await;
                         return;
                     }

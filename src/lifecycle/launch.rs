@@ -188,7 +188,7 @@ impl Gateway {
             .store
             .insert_emr(EmrSession::new(emr_key, user.clone(), now))
             .map_err(|_| denied("session store full", store_full()))?;
-        if emr.user != user {
+        if *emr.user != *user {
             // The same EMR cookie now belongs to another user: the old login is over.
             self.sign_out_emr(&emr_key, EndReason::EmrGone, Some(&ctx.id))
                 .await;
@@ -213,8 +213,8 @@ impl Gateway {
                 ticket.hash(),
                 LaunchTicket {
                     emr: emr_key,
-                    user: user.clone(),
-                    authority: authority.clone(),
+                    user: emr.user.clone(),
+                    authority: self.shared_authority(authority),
                     patient,
                     mrp,
                     expires: now + self.limits.ticket_ttl,

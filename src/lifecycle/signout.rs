@@ -76,7 +76,6 @@ impl Gateway {
         if !ehr.close() {
             return;
         }
-        let watchers = ehr.watchers();
         let (result, detail) = match self.viewer_logout(&ehr).await {
             Ok(status) => (
                 "ok",
@@ -98,7 +97,7 @@ impl Gateway {
             record = record.request_id(id);
         }
         self.audit_best_effort(&record);
-        info!(reason = reason.as_str(), watchers, "EHR session signed out");
+        info!(reason = reason.as_str(), "EHR session signed out");
     }
 
     /// Calls the viewer's logout path with the session's viewer cookies, bounded in time.

@@ -89,7 +89,7 @@ impl Gateway {
         }
         let inject = self.wants_injection(&mut out.parts.headers);
         let resp = self
-            .exchange(Origin::Ehr, out, Some(session.watch_closed()))
+            .exchange(Origin::Ehr, out, Some(session.close_signal()))
             .await?;
         Ok(self.viewer_response(resp, &session, inject))
     }
@@ -171,13 +171,13 @@ impl Gateway {
         } else {
             None
         };
-        let patient = session.patient.lock().expect("patient lock").clone();
+        let patient = *session.patient.lock().expect("patient lock");
         let mut record = Record::new(Event::Override, "ok")
             .user(&session.user)
             .uao(&session.authority.id)
             .patient(
-                &patient.demographic_no,
-                Some(patient.hcn_hmac).filter(|h| !h.is_empty()),
+                &patient.demographic_no.to_string(),
+                patient.hcn_hmac.map(|t| crate::audit::hex(&t)),
             )
             .request_id(&ctx.id);
         match &reason {

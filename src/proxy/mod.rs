@@ -81,6 +81,8 @@ pub struct Gateway {
     pub audit: AuditLog,
     pub signer: ContextSigner,
     pub(crate) limits: SessionLimits,
+    /// The configured authorities, shared by every session that acts for them.
+    authorities: Vec<Arc<crate::config::Authority>>,
     pub(crate) emr: Upstream,
     pub(crate) ehr: Upstream,
     trusted: TrustedHeaders,
@@ -134,6 +136,7 @@ impl Gateway {
             store: Arc::new(MemoryStore::new(config.session.max_sessions)),
             audit: AuditLog::open(&config.audit),
             limits: SessionLimits::from(&*config),
+            authorities: config.authorities.iter().cloned().map(Arc::new).collect(),
             signer,
             metrics,
             emr,
@@ -143,6 +146,18 @@ impl Gateway {
             shutdown,
             config,
         })
+    }
+
+    /// The shared copy of a configured authority.
+    pub(crate) fn shared_authority(
+        &self,
+        a: &crate::config::Authority,
+    ) -> Arc<crate::config::Authority> {
+        self.authorities
+            .iter()
+            .find(|s| s.id == a.id)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(a.clone()))
     }
 
     pub(crate) fn upstream(&self, origin: Origin) -> &Upstream {
@@ -273,7 +288,7 @@ impl Gateway {
         &self,
         origin: Origin,
         out: Outbound,
-        close: Option<watch::Receiver<bool>>,
+        close: Option<crate::session::CloseSignal>,
     ) -> Result<Response<Incoming>, Problem> {
         let upstream = self.upstream(origin);
         let sent = Instant::now();
@@ -299,14 +314,9 @@ impl Gateway {
                     let mut shutdown = self.shutdown.clone();
                     let close = close.unwrap_or_else(|| {
                         // No session to follow: the tunnel ends with the server.
-                        let (tx, rx) = watch::channel(false);
-                        tokio::spawn(async move {
-                            crate::server::signalled(&mut shutdown).await;
-                            let _ = tx.send(true);
-                        });
-                        rx
+                        Box::pin(async move { crate::server::signalled(&mut shutdown).await })
                     });
-                    upgrade::spawn_tunnel(client, server, self.metrics.clone(), Some(close));
+                    upgrade::spawn_tunnel(client, server, self.metrics.clone(), close);
                 }
                 _ => {
                     return Err(Problem::new(

@@ -3,21 +3,22 @@
 
 use std::sync::Arc;
 
+use crate::session::CloseSignal;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::watch;
 use tracing::{debug, Instrument};
 
 use crate::metrics::Metrics;
 
 /// Spawns the byte pump between a client's and an upstream's upgraded connections.
-/// `close`, when given, ends the tunnel as soon as it turns `true` (or its sender goes).
+/// The tunnel ends when either side closes, or at once when `close` resolves (the EHR
+/// session ended, or the server is stopping).
 pub fn spawn_tunnel(
     client: OnUpgrade,
     upstream: OnUpgrade,
     metrics: Arc<Metrics>,
-    close: Option<watch::Receiver<bool>>,
+    close: CloseSignal,
 ) {
     let task = async move {
         let (client, upstream) = match tokio::try_join!(client, upstream) {
@@ -32,12 +33,9 @@ pub fn spawn_tunnel(
         let mut upstream = TokioIo::new(upstream);
         let outcome = {
             let pump = tokio::io::copy_bidirectional(&mut client, &mut upstream);
-            match close {
-                Some(mut close) => tokio::select! {
-                    r = pump => Some(r),
-                    _ = crate::server::signalled(&mut close) => None,
-                },
-                None => Some(pump.await),
+            tokio::select! {
+                r = pump => Some(r),
+                _ = close => None,
             }
         };
         match outcome {

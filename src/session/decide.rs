@@ -311,7 +311,13 @@ pub(crate) mod tests {
     #[test]
     fn session_expiry() {
         let a = auth("a", true);
-        let s = EhrSession::new(TokenHash::of("e"), "u".into(), a, TokenHash::of("i"), 1000);
+        let s = EhrSession::new(
+            TokenHash::of("e"),
+            "u".into(),
+            std::sync::Arc::new(a),
+            TokenHash::of("i"),
+            1000,
+        );
         assert_eq!(ehr_expired(&s, 1500, 1000, 10_000), None);
         assert_eq!(
             ehr_expired(&s, 2000, 1000, 10_000),
@@ -324,7 +330,7 @@ pub(crate) mod tests {
             Some(EndReason::EhrLifetime)
         );
 
-        let e = EmrSession::new(TokenHash::of("j"), "u".into(), 0);
+        let e = EmrSession::new(TokenHash::of("j"), "u", 0);
         assert!(!emr_idle(&e, 500, 1000));
         assert!(emr_idle(&e, 1000, 1000));
         e.touch(900);
@@ -336,7 +342,7 @@ pub(crate) mod tests {
         let s = EhrSession::new(
             TokenHash::of("e"),
             "u".into(),
-            auth("a", true),
+            std::sync::Arc::new(auth("a", true)),
             TokenHash::of("i"),
             0,
         );
@@ -350,7 +356,7 @@ pub(crate) mod tests {
         let t = LaunchTicket {
             emr: TokenHash::of("j"),
             user: "u".into(),
-            authority: auth("a", true),
+            authority: std::sync::Arc::new(auth("a", true)),
             patient: patient(),
             mrp: true,
             expires: 100,

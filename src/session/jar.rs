@@ -4,13 +4,26 @@
 
 use cookie::Cookie;
 
+/// One cookie, kept compact: a million sessions hold one each.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Stored {
-    name: String,
-    value: String,
-    path: String,
+    /// `name=value`, as it goes into a `Cookie` header.
+    pair: Box<str>,
+    name_len: u32,
+    /// `None` for `/`, by far the most common.
+    path: Option<Box<str>>,
     /// Unix seconds; `None` for a session cookie.
     expires: Option<i64>,
+}
+
+impl Stored {
+    fn name(&self) -> &str {
+        &self.pair[..self.name_len as usize]
+    }
+
+    fn path(&self) -> &str {
+        self.path.as_deref().unwrap_or("/")
+    }
 }
 
 /// At most this many cookies per session: a viewer sets a handful.
@@ -27,28 +40,25 @@ impl CookieJar {
         let Ok(c) = Cookie::parse(set_cookie) else {
             return;
         };
-        let path = c
-            .path()
-            .filter(|p| p.starts_with('/'))
-            .unwrap_or("/")
-            .to_string();
+        let path = c.path().filter(|p| p.starts_with('/')).unwrap_or("/");
         let expires = match (c.max_age(), c.expires_datetime()) {
             (Some(age), _) => Some(now_unix.saturating_add(age.whole_seconds())),
             (None, Some(at)) => Some(at.unix_timestamp()),
             (None, None) => None,
         };
         self.cookies
-            .retain(|s| !(s.name == c.name() && s.path == path));
+            .retain(|s| !(s.name() == c.name() && s.path() == path));
         if expires.is_some_and(|e| e <= now_unix) {
             return;
         }
         if self.cookies.len() >= MAX_COOKIES {
             self.cookies.remove(0);
         }
+        self.cookies.reserve_exact(1);
         self.cookies.push(Stored {
-            name: c.name().to_string(),
-            value: c.value().to_string(),
-            path,
+            pair: format!("{}={}", c.name(), c.value()).into_boxed_str(),
+            name_len: c.name().len() as u32,
+            path: (path != "/").then(|| path.into()),
             expires,
         });
     }
@@ -59,34 +69,27 @@ impl CookieJar {
         let mut matching: Vec<&Stored> = self
             .cookies
             .iter()
-            .filter(|c| c.expires.is_none_or(|e| e > now_unix) && path_matches(&c.path, path))
+            .filter(|c| c.expires.is_none_or(|e| e > now_unix) && path_matches(c.path(), path))
             .collect();
-        if matching.is_empty() {
-            return None;
+        match matching.len() {
+            0 => return None,
+            1 => return Some(matching[0].pair.to_string()),
+            _ => {}
         }
-        matching.sort_by_key(|c| std::cmp::Reverse(c.path.len()));
-        let mut out = String::with_capacity(
-            matching
-                .iter()
-                .map(|c| c.name.len() + c.value.len() + 3)
-                .sum(),
-        );
+        matching.sort_by_key(|c| std::cmp::Reverse(c.path().len()));
+        let mut out = String::with_capacity(matching.iter().map(|c| c.pair.len() + 2).sum());
         for c in matching {
             if !out.is_empty() {
                 out.push_str("; ");
             }
-            out.push_str(&c.name);
-            out.push('=');
-            out.push_str(&c.value);
+            out.push_str(&c.pair);
         }
         Some(out)
     }
 
     /// Every cookie's name and path, to expire them in a browser.
     pub fn names_and_paths(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.cookies
-            .iter()
-            .map(|c| (c.name.as_str(), c.path.as_str()))
+        self.cookies.iter().map(|c| (c.name(), c.path()))
     }
 
     pub fn is_empty(&self) -> bool {

@@ -11,10 +11,12 @@ pub mod store;
 pub mod token;
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::config::Authority;
 pub use jar::CookieJar;
@@ -53,8 +55,8 @@ impl fmt::Debug for PatientContext {
 pub struct EmrSession {
     /// Hash of the EMR session cookie's value.
     pub key: TokenHash,
-    /// The EMR user (provider number).
-    pub user: String,
+    /// The EMR user (provider number), shared with the session's EHR session.
+    pub user: Arc<str>,
     pub created: Millis,
     last_seen: AtomicU64,
     ended: AtomicBool,
@@ -63,10 +65,10 @@ pub struct EmrSession {
 }
 
 impl EmrSession {
-    pub fn new(key: TokenHash, user: String, now: Millis) -> Self {
+    pub fn new(key: TokenHash, user: impl Into<Arc<str>>, now: Millis) -> Self {
         Self {
             key,
-            user,
+            user: user.into(),
             created: now,
             last_seen: AtomicU64::new(now),
             ended: AtomicBool::new(false),
@@ -101,6 +103,8 @@ impl EmrSession {
             if m.len() >= 16 {
                 m.remove(0);
             }
+            // Usually one: no room kept for more.
+            m.reserve_exact(1);
             m.push(marker);
         }
     }
@@ -108,26 +112,33 @@ impl EmrSession {
 
 /// What ehrgate remembers of the patient last opened in an EHR session, for the audit
 /// of an override: never the HCN itself.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct OpenedPatient {
-    pub demographic_no: String,
-    pub hcn_hmac: String,
+    pub demographic_no: u64,
+    /// The audit log's HMAC tag of the HCN (written as hex).
+    pub hcn_hmac: Option<[u8; 32]>,
 }
+
+/// Resolves when the session it was made from ends.
+pub type CloseSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// A viewer session, linked to exactly one EMR session.
 pub struct EhrSession {
     /// The owning EMR session.
     pub emr: TokenHash,
-    pub user: String,
-    pub authority: Authority,
+    pub user: Arc<str>,
+    /// Shared with the configuration: one copy for all sessions.
+    pub authority: Arc<Authority>,
     pub created: Millis,
     last_seen: AtomicU64,
     /// Hash of the current `__Host-ehrgate` value (rotated at every enter).
     id: Mutex<TokenHash>,
     pub jar: Mutex<CookieJar>,
     pub patient: Mutex<OpenedPatient>,
-    /// Turns `true` when the session ends: event streams and tunnels watch it.
-    closed: watch::Sender<bool>,
+    /// Set when the session ends; `ended` wakes event streams and tunnels waiting on it.
+    /// (A `Notify` and a flag: a tenth of the memory of a `watch` channel.)
+    closed: AtomicBool,
+    ended: Notify,
 }
 
 impl fmt::Debug for EhrSession {
@@ -143,8 +154,8 @@ impl fmt::Debug for EhrSession {
 impl EhrSession {
     pub fn new(
         emr: TokenHash,
-        user: String,
-        authority: Authority,
+        user: Arc<str>,
+        authority: Arc<Authority>,
         id: TokenHash,
         now: Millis,
     ) -> Self {
@@ -157,7 +168,8 @@ impl EhrSession {
             id: Mutex::new(id),
             jar: Mutex::new(CookieJar::default()),
             patient: Mutex::new(OpenedPatient::default()),
-            closed: watch::Sender::new(false),
+            closed: AtomicBool::new(false),
+            ended: Notify::new(),
         }
     }
 
@@ -178,23 +190,36 @@ impl EhrSession {
     }
 
     pub fn is_closed(&self) -> bool {
-        *self.closed.borrow()
+        self.closed.load(Ordering::Acquire)
     }
 
-    /// Marks the session over and tells its watchers; returns false if it already was.
+    /// Marks the session over and wakes its watchers; returns false if it already was.
     pub fn close(&self) -> bool {
-        self.closed
-            .send_if_modified(|closed| !std::mem::replace(closed, true))
+        let first = !self.closed.swap(true, Ordering::AcqRel);
+        if first {
+            self.ended.notify_waiters();
+        }
+        first
     }
 
-    /// A receiver that turns `true` when the session ends.
-    pub fn watch_closed(&self) -> watch::Receiver<bool> {
-        self.closed.subscribe()
+    /// Resolves once the session has ended (at once if it already has).
+    pub async fn wait_closed(&self) {
+        loop {
+            let notified = self.ended.notified();
+            tokio::pin!(notified);
+            // Registered before the flag is read: a close in between still wakes us.
+            notified.as_mut().enable();
+            if self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
     }
 
-    /// Event streams and tunnels watching this session now.
-    pub fn watchers(&self) -> usize {
-        self.closed.receiver_count()
+    /// An owned signal for a task that must stop when the session ends.
+    pub fn close_signal(self: &Arc<Self>) -> CloseSignal {
+        let session = self.clone();
+        Box::pin(async move { session.wait_closed().await })
     }
 }
 
@@ -202,8 +227,8 @@ impl EhrSession {
 #[derive(Debug, Clone)]
 pub struct LaunchTicket {
     pub emr: TokenHash,
-    pub user: String,
-    pub authority: Authority,
+    pub user: Arc<str>,
+    pub authority: Arc<Authority>,
     pub patient: PatientContext,
     pub mrp: bool,
     pub expires: Millis,

@@ -66,7 +66,7 @@ pub struct MemoryStore {
     emr: DashMap<TokenHash, Arc<EmrSession>>,
     emr_count: AtomicUsize,
     markers: DashMap<TokenHash, TokenHash>,
-    by_user: DashMap<Box<str>, Vec<TokenHash>>,
+    by_user: DashMap<Arc<str>, Vec<TokenHash>>,
     ehr: DashMap<TokenHash, Arc<EhrSession>>,
     ehr_by_emr: DashMap<TokenHash, Arc<EhrSession>>,
     tickets: DashMap<TokenHash, LaunchTicket>,
@@ -110,7 +110,7 @@ impl SessionStore for MemoryStore {
                 }
                 let session = Arc::new(session);
                 self.by_user
-                    .entry(session.user.as_str().into())
+                    .entry(session.user.clone())
                     .or_default()
                     .push(session.key);
                 v.insert(session.clone());
@@ -125,7 +125,7 @@ impl SessionStore for MemoryStore {
         for m in s.markers() {
             self.markers.remove(&m);
         }
-        self.by_user.remove_if_mut(s.user.as_str(), |_, keys| {
+        self.by_user.remove_if_mut(&*s.user, |_, keys| {
             keys.retain(|k| k != key);
             keys.is_empty()
         });
@@ -250,22 +250,18 @@ mod tests {
         let store = MemoryStore::new(2);
         for i in 0..2 {
             store
-                .insert_emr(EmrSession::new(
-                    TokenHash::of(&format!("c{i}")),
-                    "u".into(),
-                    0,
-                ))
+                .insert_emr(EmrSession::new(TokenHash::of(&format!("c{i}")), "u", 0))
                 .unwrap();
         }
-        let full = store.insert_emr(EmrSession::new(TokenHash::of("c3"), "u".into(), 0));
+        let full = store.insert_emr(EmrSession::new(TokenHash::of("c3"), "u", 0));
         assert_eq!(full.unwrap_err(), StoreFull);
         // A known session is still found, not refused.
         assert!(store
-            .insert_emr(EmrSession::new(TokenHash::of("c0"), "u".into(), 0))
+            .insert_emr(EmrSession::new(TokenHash::of("c0"), "u", 0))
             .is_ok());
         store.remove_emr(&TokenHash::of("c0")).unwrap();
         assert!(store
-            .insert_emr(EmrSession::new(TokenHash::of("c3"), "u".into(), 0))
+            .insert_emr(EmrSession::new(TokenHash::of("c3"), "u", 0))
             .is_ok());
         assert_eq!(store.counts().emr, 2);
     }
@@ -274,11 +270,11 @@ mod tests {
     fn markers_and_user_index_follow_the_emr_session() {
         let store = MemoryStore::new(10);
         let emr = store
-            .insert_emr(EmrSession::new(TokenHash::of("j"), "999998".into(), 0))
+            .insert_emr(EmrSession::new(TokenHash::of("j"), "999998", 0))
             .unwrap();
         let marker = Token::generate().unwrap().hash();
         store.add_marker(marker, &emr);
-        assert_eq!(store.emr_by_marker(&marker).unwrap().user, "999998");
+        assert_eq!(&*store.emr_by_marker(&marker).unwrap().user, "999998");
         assert_eq!(store.emr_keys_of_user("999998"), vec![emr.key]);
         store.remove_emr(&emr.key);
         assert!(store.emr_by_marker(&marker).is_none());
@@ -293,7 +289,13 @@ mod tests {
             Token::generate().unwrap().hash(),
             Token::generate().unwrap().hash(),
         );
-        let s = Arc::new(EhrSession::new(emr, "u".into(), authority(), a, 0));
+        let s = Arc::new(EhrSession::new(
+            emr,
+            "u".into(),
+            Arc::new(authority()),
+            a,
+            0,
+        ));
         store.insert_ehr(s.clone());
         assert!(store.ehr(&a).is_some());
         store.rekey_ehr(&s, b);
@@ -307,7 +309,13 @@ mod tests {
         let store = MemoryStore::new(10);
         let emr = TokenHash::of("j");
         let id = TokenHash::of("id");
-        let s = Arc::new(EhrSession::new(emr, "u".into(), authority(), id, 0));
+        let s = Arc::new(EhrSession::new(
+            emr,
+            "u".into(),
+            Arc::new(authority()),
+            id,
+            0,
+        ));
         store.insert_ehr(s.clone());
         assert!(s.close());
         assert!(!s.close(), "effects run once");
@@ -325,7 +333,7 @@ mod tests {
         let ticket = LaunchTicket {
             emr: TokenHash::of("j"),
             user: "u".into(),
-            authority: authority(),
+            authority: Arc::new(authority()),
             patient: crate::session::decide::tests::patient(),
             mrp: true,
             expires: 100,
