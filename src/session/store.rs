@@ -6,9 +6,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::collections::HashSet;
+
 use dashmap::DashMap;
 
+use super::token::TokenHashBuilder;
 use super::{EhrSession, EmrSession, LaunchTicket, Millis, TokenHash};
+
+type TokenMap<V> = DashMap<TokenHash, V, TokenHashBuilder>;
 
 /// The store is at `max_sessions`: a new session or ticket is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -63,13 +68,13 @@ pub trait SessionStore: Send + Sync + 'static {
 pub struct MemoryStore {
     epoch: Instant,
     max_sessions: usize,
-    emr: DashMap<TokenHash, Arc<EmrSession>>,
+    emr: TokenMap<Arc<EmrSession>>,
     emr_count: AtomicUsize,
-    markers: DashMap<TokenHash, TokenHash>,
-    by_user: DashMap<Arc<str>, Vec<TokenHash>>,
-    ehr: DashMap<TokenHash, Arc<EhrSession>>,
-    ehr_by_emr: DashMap<TokenHash, Arc<EhrSession>>,
-    tickets: DashMap<TokenHash, LaunchTicket>,
+    markers: TokenMap<TokenHash>,
+    by_user: DashMap<Arc<str>, HashSet<TokenHash, TokenHashBuilder>>,
+    ehr: TokenMap<Arc<EhrSession>>,
+    ehr_by_emr: TokenMap<Arc<EhrSession>>,
+    tickets: TokenMap<LaunchTicket>,
 }
 
 impl MemoryStore {
@@ -77,13 +82,13 @@ impl MemoryStore {
         Self {
             epoch: Instant::now(),
             max_sessions,
-            emr: DashMap::new(),
+            emr: TokenMap::default(),
             emr_count: AtomicUsize::new(0),
-            markers: DashMap::new(),
+            markers: TokenMap::default(),
             by_user: DashMap::new(),
-            ehr: DashMap::new(),
-            ehr_by_emr: DashMap::new(),
-            tickets: DashMap::new(),
+            ehr: TokenMap::default(),
+            ehr_by_emr: TokenMap::default(),
+            tickets: TokenMap::default(),
         }
     }
 }
@@ -94,8 +99,8 @@ impl SessionStore for MemoryStore {
     }
 
     fn emr(&self, key: &TokenHash) -> Option<Arc<EmrSession>> {
-        let s = self.emr.get(key)?.clone();
-        (s.key.ct_eq(key) && !s.is_ended()).then_some(s)
+        let entry = self.emr.get(key)?;
+        (entry.key().ct_eq(key) && !entry.is_ended()).then(|| entry.value().clone())
     }
 
     fn insert_emr(&self, session: EmrSession) -> Result<Arc<EmrSession>, StoreFull> {
@@ -112,7 +117,7 @@ impl SessionStore for MemoryStore {
                 self.by_user
                     .entry(session.user.clone())
                     .or_default()
-                    .push(session.key);
+                    .insert(session.key);
                 v.insert(session.clone());
                 Ok(session)
             }
@@ -126,7 +131,7 @@ impl SessionStore for MemoryStore {
             self.markers.remove(&m);
         }
         self.by_user.remove_if_mut(&*s.user, |_, keys| {
-            keys.retain(|k| k != key);
+            keys.remove(key);
             keys.is_empty()
         });
         Some(s)
@@ -145,13 +150,13 @@ impl SessionStore for MemoryStore {
     fn emr_keys_of_user(&self, user: &str) -> Vec<TokenHash> {
         self.by_user
             .get(user)
-            .map(|k| k.clone())
+            .map(|k| k.iter().copied().collect())
             .unwrap_or_default()
     }
 
     fn ehr(&self, id: &TokenHash) -> Option<Arc<EhrSession>> {
-        let s = self.ehr.get(id)?.clone();
-        (s.id().ct_eq(id) && !s.is_closed()).then_some(s)
+        let entry = self.ehr.get(id)?;
+        (entry.key().ct_eq(id) && !entry.is_closed()).then(|| entry.value().clone())
     }
 
     fn ehr_of_emr(&self, emr: &TokenHash) -> Option<Arc<EhrSession>> {

@@ -41,6 +41,31 @@ impl fmt::Debug for Token {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TokenHash([u8; 32]);
 
+/// Hashes a [`TokenHash`] for a map by taking 8 of its bytes: it is already a uniform
+/// SHA-256 output, so hashing it again (SipHash) would only cost time.
+#[derive(Default, Clone, Copy)]
+pub struct TokenHasher(u64);
+
+impl std::hash::Hasher for TokenHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` hashes as its length prefix (8 bytes) then the 32 bytes.
+        if bytes.len() >= 8 {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[..8]);
+            self.0 ^= u64::from_ne_bytes(b);
+        }
+    }
+
+    fn write_usize(&mut self, _: usize) {}
+}
+
+/// The `BuildHasher` for maps keyed by [`TokenHash`].
+pub type TokenHashBuilder = std::hash::BuildHasherDefault<TokenHasher>;
+
 impl TokenHash {
     pub fn of(value: &str) -> Self {
         let d = digest::digest(&digest::SHA256, value.as_bytes());

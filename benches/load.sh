@@ -1,0 +1,309 @@
+#!/usr/bin/env bash
+# ehrgate against nginx, on this machine, in the same run.
+#
+#   bash benches/load.sh            # DURATION=10 CONNS=50 REPEATS=3 RATE=5000 by default
+#
+# Builds ehrgate (release), installs what it lacks (wrk, nginx-light, openssl; oha with
+# cargo install unless SKIP_OHA=1), starts one fixed upstream (nginx, plain HTTP) on
+# loopback, and measures, each for the same duration and connection count, in
+# alternating order, REPEATS times:
+#   direct  the upstream itself (plain HTTP, no proxy)
+#   nginx   nginx terminating TLS and proxying with keep-alive to the upstream
+#   emr     ehrgate, EMR host (routing, header rules, EMR session bookkeeping)
+#   ehr     ehrgate, viewer host with a live EHR session in vault mode (cookie ->
+#           session lookup -> jar merge -> forward): the realistic hot path
+# The proxies run on CPU $PROXY_CPU, the load generator and upstream on $LOAD_CPU. It
+# reports medians: requests/s at saturation (wrk), the proxy's CPU time per request
+# (utime+stime from /proc over the run / completed requests), p50/p99 at a fixed rate
+# (oha -q $RATE), full and resumed TLS handshakes per second (openssl s_time) with CPU
+# per handshake, CPU per new connection with one request, and sign-out timings.
+# Everything listens on 127.0.0.1 only. Results: target/load/results.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-50}
+REPEATS=${REPEATS:-3}
+RATE=${RATE:-5000}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+BULK=${BULK:-10000}
+UP_PORT=18080 NGINX_PORT=18443 GATE_PORT=19443 ADMIN_PORT=19090
+EMR=emr.bench.localhost EHR=ehr.bench.localhost
+OUT=$ROOT/target/load
+mkdir -p "$OUT"
+RESULTS=$OUT/results.txt
+WORK=$(mktemp -d)
+PIDS=()
+
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$WORK/upstream.pid" ] && kill "$(cat "$WORK/upstream.pid")" 2>/dev/null || true
+  [ -f "$WORK/proxy.pid" ] && kill "$(cat "$WORK/proxy.pid")" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+log() { printf '%s\n' "$*" | tee -a "$RESULTS" >&2; }
+
+# --- what it needs ---------------------------------------------------------------
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v nginx >/dev/null || missing+=(nginx-light)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v curl >/dev/null || missing+=(curl)
+command -v taskset >/dev/null || missing+=(util-linux)
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+  # Debian starts the packaged nginx service; this script runs its own instances.
+  if [[ " ${missing[*]} " == *" nginx-light "* ]]; then $sudo service nginx stop >/dev/null 2>&1 || true; fi
+fi
+if ! command -v oha >/dev/null && [ -z "${SKIP_OHA:-}" ]; then
+  echo "building oha (a constant-rate load generator; about 7 minutes, once)" >&2
+  cargo install oha --locked -q
+fi
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo build --release --locked -q
+GATE_BIN=$ROOT/target/release/ehrgate
+
+: > "$RESULTS"
+log "# ehrgate load benchmark — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+log "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/{print $2}') GiB"
+log "versions: $($GATE_BIN --version), $(nginx -v 2>&1 | cut -d' ' -f3), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $(command -v oha >/dev/null && oha --version || echo 'oha absent'), $(openssl version | cut -d' ' -f1-2)"
+log "settings: DURATION=${DURATION}s CONNS=$CONNS REPEATS=$REPEATS RATE=$RATE/s proxy on CPU $PROXY_CPU, load and upstream on CPU $LOAD_CPU"
+
+# --- key material (made here, deleted at exit) -------------------------------------
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench \
+  -addext "subjectAltName=DNS:$EMR,DNS:$EHR,IP:127.0.0.1" \
+  -keyout "$WORK/server.key" -out "$WORK/server.crt" 2>/dev/null
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$WORK/signing.pem" 2>/dev/null
+
+# --- the upstream: fixed answers, plain HTTP ---------------------------------------
+BODY=$(head -c 512 /dev/zero | tr '\0' 'x')
+cat > "$WORK/upstream.conf" <<EOF
+worker_processes 1;
+pid $WORK/upstream.pid;
+error_log $WORK/upstream.err warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$UP_PORT;
+    location = /oscar/ws/rs/providerService/provider/me { default_type application/json; return 200 '{"providerNo":"999998"}'; }
+    location ^~ /oscar/ws/rs/demographics/ { default_type application/json; return 200 '{"hin":"9876543217","ver":"AB","dobYear":"1958","dobMonth":"03","dobDay":"14","sex":"F","providerNo":"999998","lastName":"Bench","firstName":"Patient"}'; }
+    location = /launch { add_header Set-Cookie "VSESSION=bench-viewer-session-0123456789abcdef; Path=/; HttpOnly; Secure"; return 302 /chart; }
+    location = /logout { return 200 'signed out'; }
+    location / { default_type text/plain; return 200 '$BODY'; }
+  }
+}
+EOF
+taskset -c "$LOAD_CPU" nginx -p "$WORK" -c "$WORK/upstream.conf"
+
+# --- nginx as the TLS reverse proxy (the reference) --------------------------------
+cat > "$WORK/proxy.conf" <<EOF
+worker_processes 1;
+pid $WORK/proxy.pid;
+error_log $WORK/proxy.err warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  upstream up { server 127.0.0.1:$UP_PORT; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NGINX_PORT ssl http2;
+    ssl_certificate $WORK/server.crt;
+    ssl_certificate_key $WORK/server.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache shared:SSL:10m;
+    ssl_session_tickets on;
+    keepalive_requests 1000000;
+    location / {
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_set_header X-Forwarded-Proto https;
+    }
+  }
+}
+EOF
+taskset -c "$PROXY_CPU" nginx -p "$WORK" -c "$WORK/proxy.conf"
+
+# --- ehrgate -----------------------------------------------------------------------
+cat > "$WORK/ehrgate.toml" <<EOF
+[server]
+listen = "127.0.0.1:$GATE_PORT"
+admin_listen = "127.0.0.1:$ADMIN_PORT"
+tls_cert = "$WORK/server.crt"
+tls_key = "$WORK/server.key"
+[emr]
+host = "$EMR"
+upstream = "http://127.0.0.1:$UP_PORT"
+logout_paths = ["/oscar/logout.jsp"]
+[ehr]
+host = "$EHR"
+upstream = "http://127.0.0.1:$UP_PORT"
+[[authority]]
+id = "2.16.840.1.113883.3.239.9:101"
+name = "Maple Family Health Team"
+[context]
+signing_key = "$WORK/signing.pem"
+[audit]
+path = "$WORK/audit/audit.jsonl"
+[log]
+filter = "warn"
+EOF
+taskset -c "$PROXY_CPU" "$GATE_BIN" run --config "$WORK/ehrgate.toml" > "$WORK/gate.out" 2> "$WORK/gate.err" &
+GATE_PID=$!
+PIDS+=("$GATE_PID")
+for _ in $(seq 100); do grep -q serving "$WORK/gate.out" 2>/dev/null && break; sleep 0.1; done
+grep -q serving "$WORK/gate.out" || { cat "$WORK/gate.err"; exit 1; }
+
+nginx_pids() { local m; m=$(cat "$WORK/proxy.pid"); echo "$m $(pgrep -P "$m" | xargs)"; }
+cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+TICK=$(getconf CLK_TCK)
+
+# A viewer session, as a browser gets one: launch on the EMR host, enter on the viewer's.
+new_session() { # $1: the EMR session cookie value; prints the __Host-ehrgate value
+  local loc
+  loc=$(curl -sk --resolve "$EMR:$GATE_PORT:127.0.0.1" -H "Cookie: JSESSIONID=$1" -o /dev/null -w '%{redirect_url}' \
+    "https://$EMR:$GATE_PORT/oscar/clinicalConnectEHRViewer.do?demographicNo=1001")
+  curl -sk --resolve "$EHR:$GATE_PORT:127.0.0.1" -D - -o /dev/null "$loc" | tr -d '\r' |
+    sed -n 's/^set-cookie: __Host-ehrgate=\([^;]*\).*/\1/Ip' | head -1
+}
+TOKEN=$(new_session bench-hot-path)
+[ -n "$TOKEN" ] || { echo "could not open a viewer session" >&2; cat "$WORK/gate.err" >&2; exit 1; }
+
+target_args() { # name -> URL and headers for wrk/oha
+  case $1 in
+    direct) echo "http://127.0.0.1:$UP_PORT/chart" ;;
+    nginx) echo "https://127.0.0.1:$NGINX_PORT/chart|Host: $EHR" ;;
+    emr) echo "https://127.0.0.1:$GATE_PORT/oscar/provider/providercontrol.jsp|Host: $EMR:$GATE_PORT" ;;
+    ehr) echo "https://127.0.0.1:$GATE_PORT/chart|Host: $EHR:$GATE_PORT|Cookie: __Host-ehrgate=$TOKEN" ;;
+  esac
+}
+proxy_pids() { case $1 in direct) echo "" ;; nginx) nginx_pids ;; *) echo "$GATE_PID" ;; esac; }
+
+median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print "n/a"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+
+declare -A RPS CPU P50 P99
+run_wrk() { # target extra-header -> "rps cpu_us_per_req"
+  local spec url h=() pids t0 t1 out reqs
+  IFS='|' read -r -a spec <<< "$(target_args "$1")"
+  url=${spec[0]}
+  for x in "${spec[@]:1}"; do h+=(-H "$x"); done
+  [ -n "${2:-}" ] && h+=(-H "$2")
+  pids=$(proxy_pids "$1")
+  t0=$( [ -n "$pids" ] && cpu_ticks $pids || echo 0)
+  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" "${h[@]}" "$url")
+  t1=$( [ -n "$pids" ] && cpu_ticks $pids || echo 0)
+  if grep -q "Non-2xx" <<< "$out"; then echo "$1: non-2xx answers:" >&2; echo "$out" >&2; exit 1; fi
+  reqs=$(awk '/requests in/ {print $1}' <<< "$out")
+  awk -v r="$reqs" -v d="$DURATION" -v dt="$((t1 - t0))" -v hz="$TICK" \
+    'BEGIN {printf "%.0f %.2f\n", r / d, (r > 0 ? dt / hz / r * 1e6 : 0)}'
+}
+
+log ""
+log "## Saturation (wrk -t1 -c$CONNS, ${DURATION}s, keep-alive), $REPEATS alternating repeats"
+for rep in $(seq "$REPEATS"); do
+  for t in direct nginx emr ehr; do
+    read -r rps cpu < <(run_wrk "$t")
+    RPS[$t]+="$rps "; CPU[$t]+="$cpu "
+    log "  run $rep $t: $rps req/s, proxy CPU ${cpu} µs/req"
+  done
+done
+
+if command -v oha >/dev/null; then
+  log ""
+  log "## Fixed rate (oha -q $RATE -c $CONNS, ${DURATION}s): latency"
+  for rep in $(seq "$REPEATS"); do
+    for t in direct nginx emr ehr; do
+      IFS='|' read -r -a spec <<< "$(target_args "$t")"
+      h=(); for x in "${spec[@]:1}"; do h+=(-H "$x"); done
+      json=$(taskset -c "$LOAD_CPU" oha --no-tui --output-format json --insecure -z "${DURATION}s" -q "$RATE" -c "$CONNS" "${h[@]}" "${spec[0]}" 2>/dev/null)
+      read -r p50 p99 ok < <(python3 -c 'import json,sys; d=json.load(sys.stdin); p=d["latencyPercentiles"]; s=d["statusCodeDistribution"]; print(round(p["p50"]*1e3,3), round(p["p99"]*1e3,3), sum(v for k,v in s.items() if k.startswith("2")))' <<< "$json")
+      P50[$t]+="$p50 "; P99[$t]+="$p99 "
+      log "  run $rep $t: p50 ${p50} ms, p99 ${p99} ms ($ok answered 2xx)"
+    done
+  done
+fi
+
+log ""
+log "## TLS handshakes (openssl s_time, ${DURATION}s each; CPU of the proxy per handshake)"
+declare -A HS
+for mode in new reuse; do
+  for t in nginx ehrgate; do
+    port=$([ $t = nginx ] && echo $NGINX_PORT || echo $GATE_PORT)
+    pids=$([ $t = nginx ] && nginx_pids || echo "$GATE_PID")
+    t0=$(cpu_ticks $pids)
+    out=$(taskset -c "$LOAD_CPU" openssl s_time -connect "127.0.0.1:$port" -"$mode" -time "$DURATION" 2>/dev/null | grep 'connections in' | tail -1)
+    t1=$(cpu_ticks $pids)
+    n=$(awk '{print $1}' <<< "$out"); secs=$(awk '{print $4}' <<< "$out")
+    line=$(awk -v n="$n" -v s="$secs" -v dt="$((t1 - t0))" -v hz="$TICK" 'BEGIN {printf "%.0f/s, %.0f µs CPU each", n / s, dt / hz / n * 1e6}')
+    HS[$mode-$t]=$line
+    log "  $mode $t: $line"
+  done
+done
+log "## New connection + one request (wrk with Connection: close)"
+for t in nginx emr; do
+  read -r rps cpu < <(run_wrk "$t" "Connection: close")
+  HS[close-$t]="$rps conn/s, $cpu µs CPU each"
+  log "  $t: ${HS[close-$t]}"
+done
+
+log ""
+log "## Sign-out"
+victim=$(new_session bench-logout)
+t_logout=$(curl -sk --resolve "$EMR:$GATE_PORT:127.0.0.1" -H "Cookie: JSESSIONID=bench-logout" -o /dev/null -w '%{time_total}' "https://$EMR:$GATE_PORT/oscar/logout.jsp")
+next=$(curl -sk --resolve "$EHR:$GATE_PORT:127.0.0.1" -H "Cookie: __Host-ehrgate=$victim" -o /dev/null -w '%{http_code}' "https://$EHR:$GATE_PORT/chart")
+log "  EMR logout request: ${t_logout}s end to end (viewer logout call included); next viewer request: $next"
+rss0=$(awk '/VmRSS/ {print $2}' "/proc/$GATE_PID/status")
+python3 - "$GATE_PORT" "$EMR" "$EHR" "$BULK" <<'PY'
+import http.client, ssl, sys, concurrent.futures as cf
+port, emr, ehr, n = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+ctx = ssl._create_unverified_context()
+def worker(ids):
+    e = http.client.HTTPSConnection("127.0.0.1", port, context=ctx)
+    v = http.client.HTTPSConnection("127.0.0.1", port, context=ctx)
+    for i in ids:
+        e.request("GET", "/oscar/clinicalConnectEHRViewer.do?demographicNo=1001",
+                  headers={"Host": f"{emr}:{port}", "Cookie": f"JSESSIONID=bulk-{i}"})
+        r = e.getresponse(); loc = r.getheader("Location"); r.read()
+        assert r.status == 303, r.status
+        v.request("GET", loc.split(str(port), 1)[1], headers={"Host": f"{ehr}:{port}"})
+        r = v.getresponse(); r.read()
+        assert r.status == 302, r.status
+with cf.ThreadPoolExecutor(16) as pool:
+    list(pool.map(worker, [range(k, n, 16) for k in range(16)]))
+PY
+rss1=$(awk '/VmRSS/ {print $2}' "/proc/$GATE_PID/status")
+log "  ehrgate RSS: ${rss0} KiB before, ${rss1} KiB with $BULK more EHR sessions (includes buffers)"
+out=$(curl -s -X POST -o "$WORK/admin.json" -w '%{time_total}' "http://127.0.0.1:$ADMIN_PORT/admin/logout?user=999998")
+log "  admin sign-out of $(python3 -c 'import json,sys;print(json.load(open(sys.argv[1]))["signed_out"])' "$WORK/admin.json") sessions of one user: ${out}s end to end (viewer logout calls and audit lines included)"
+next=$(curl -sk --resolve "$EHR:$GATE_PORT:127.0.0.1" -H "Cookie: __Host-ehrgate=$TOKEN" -o /dev/null -w '%{http_code}' "https://$EHR:$GATE_PORT/chart")
+log "  next viewer request of a signed-out session: $next"
+
+# --- summary -----------------------------------------------------------------------
+m() { echo "$1" | tr ' ' '\n' | grep -v '^$' | median; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b + 0 == 0 || a == "n/a") print "n/a"; else printf "%.2f", a / b}'; }
+log ""
+log "## Summary (medians of $REPEATS)"
+log ""
+log "| target | req/s | proxy CPU µs/req | p50 ms @${RATE}/s | p99 ms @${RATE}/s | req/s ÷ nginx | CPU ÷ nginx | p50 ÷ nginx | p99 ÷ nginx |"
+log "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+for t in direct nginx emr ehr; do
+  r=$(m "${RPS[$t]}"); c=$(m "${CPU[$t]}"); a=$(m "${P50[$t]:-}"); b=$(m "${P99[$t]:-}")
+  if [ "$t" = direct ]; then c="—"; fi
+  log "| $t | $r | $c | $a | $b | $(ratio "$r" "$(m "${RPS[nginx]}")") | $( [ "$t" = direct ] && echo — || ratio "$c" "$(m "${CPU[nginx]}")") | $(ratio "$a" "$(m "${P50[nginx]:-}")") | $(ratio "$b" "$(m "${P99[nginx]:-}")") |"
+done
+log ""
+log "| TLS | nginx | ehrgate |"
+log "| --- | --- | --- |"
+log "| full handshakes | ${HS[new-nginx]} | ${HS[new-ehrgate]} |"
+log "| resumed handshakes | ${HS[reuse-nginx]} | ${HS[reuse-ehrgate]} |"
+log "| new connection + one request | ${HS[close-nginx]} | ${HS[close-emr]} |"
+echo >&2
+echo "results: $RESULTS" >&2
