@@ -64,7 +64,12 @@ fn lookup(c: &mut Criterion) {
     // the store. So every cookie, as a fixed-size array, laid out in a shuffled order
     // (7919 is prime to 1,000,000): reading the next one is cheap, the session is not.
     let probe: Vec<[u8; 43]> = (0..SESSIONS)
-        .map(|k| cookies[(k * 7919) % SESSIONS].as_bytes().try_into().expect("43-char token"))
+        .map(|k| {
+            cookies[(k * 7919) % SESSIONS]
+                .as_bytes()
+                .try_into()
+                .expect("43-char token")
+        })
         .collect();
     drop(cookies);
     let n = probe.len();

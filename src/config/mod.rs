@@ -79,6 +79,8 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Connections served at once; further ones are closed at accept.
     pub max_connections: usize,
+    /// Worker threads serving connections, each with its own event loop; 0: one per CPU.
+    pub workers: usize,
     /// Largest request body ehrgate reads itself (observed forms such as the override).
     pub max_form_bytes: usize,
     pub upstream_connect_timeout: ConfigDuration,
@@ -102,6 +104,7 @@ impl Default for ServerConfig {
             idle_timeout: ConfigDuration::secs(75),
             max_header_bytes: 32 * 1024,
             max_connections: 10_000,
+            workers: 0,
             max_form_bytes: 64 * 1024,
             upstream_connect_timeout: ConfigDuration::secs(5),
             upstream_response_timeout: ConfigDuration::secs(60),

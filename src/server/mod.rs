@@ -110,13 +110,15 @@ pub async fn start_prepared(prepared: Prepared) -> Result<Running, StartError> {
         shutdown: shutdown_tx,
     } = prepared;
     let server = &config.server;
-    let listener = TcpListener::bind(server.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            what: "server.listen",
-            addr: server.listen,
-            source,
-        })?;
+    let workers = worker_count(server.workers);
+    let bind_error = |source| StartError::Bind {
+        what: "server.listen",
+        addr: server.listen,
+        source,
+    };
+    // With several workers, each accepts on its own SO_REUSEPORT socket (as nginx
+    // workers do) and the kernel spreads connections between them.
+    let listener = bind_listener(server.listen, workers > 1).map_err(bind_error)?;
     let admin_listener = TcpListener::bind(server.admin_listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -146,20 +148,31 @@ pub async fn start_prepared(prepared: Prepared) -> Result<Running, StartError> {
     ));
 
     crate::lifecycle::spawn_sweeper(gateway.clone());
-    let accept = AcceptLoop {
-        listener,
-        acceptor: TlsAcceptor::from(tls),
-        gateway,
-        metrics,
-        limits: Arc::new(ConnLimits::from(server)),
-        slots: Arc::new(Semaphore::new(server.max_connections)),
-        grace: server.shutdown_grace.get(),
-        shutdown: shutdown_rx,
-    };
+    let mut listeners = vec![listener];
+    for _ in 1..workers {
+        listeners.push(bind_listener(proxy_addr, true).map_err(bind_error)?);
+    }
+    let acceptor = TlsAcceptor::from(tls);
+    let limits = Arc::new(ConnLimits::from(server));
+    // One budget of connections for the whole server, whichever worker takes them.
+    let slots = Arc::new(Semaphore::new(server.max_connections));
+    let accept_loops: Vec<AcceptLoop> = listeners
+        .into_iter()
+        .map(|listener| AcceptLoop {
+            listener,
+            acceptor: acceptor.clone(),
+            gateway: gateway.clone(),
+            metrics: metrics.clone(),
+            limits: limits.clone(),
+            slots: slots.clone(),
+            grace: server.shutdown_grace.get(),
+            shutdown: shutdown_rx.clone(),
+        })
+        .collect();
     health.ready.store(true, Ordering::Relaxed);
-    info!(%proxy_addr, %admin_addr, "ehrgate is serving");
+    info!(%proxy_addr, %admin_addr, workers, "ehrgate is serving");
     let task = tokio::spawn(async move {
-        accept.run().await;
+        run_workers(accept_loops).await;
         let _ = admin_stop_tx.send(true);
         let _ = admin_task.await;
     });
@@ -170,6 +183,78 @@ pub async fn start_prepared(prepared: Prepared) -> Result<Running, StartError> {
         shutdown: shutdown_tx,
         task,
     })
+}
+
+/// Workers to run: `server.workers`, or one per CPU this process may use.
+fn worker_count(configured: usize) -> usize {
+    match configured {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+/// A listening socket; `reuse_port` lets several workers listen on the same address.
+fn bind_listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    #[cfg(unix)]
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    #[cfg(not(unix))]
+    let _ = reuse_port;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Runs the accept loops: one on this runtime, or each on its own thread with a
+/// single-threaded runtime (no work-stealing between them: like nginx's workers, each
+/// serves its connections start to end). Returns when all have drained.
+async fn run_workers(mut loops: Vec<AcceptLoop>) {
+    if loops.len() == 1 {
+        return loops.pop().expect("one").run().await;
+    }
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    for (i, accept) in loops.into_iter().enumerate() {
+        let done = done_tx.clone();
+        let listener = match accept.listener.into_std() {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, worker = i, "worker could not take its listener");
+                continue;
+            }
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("ehrgate-worker-{i}"))
+            .spawn(move || {
+                let _done = done;
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        return warn!(error = %e, worker = i, "worker runtime failed to start")
+                    }
+                };
+                runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => AcceptLoop { listener, ..accept }.run().await,
+                        Err(e) => warn!(error = %e, worker = i, "worker listener failed"),
+                    }
+                });
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, worker = i, "worker thread failed to start");
+        }
+    }
+    drop(done_tx);
+    // Every worker holds a sender until it has drained.
+    let _ = done_rx.recv().await;
 }
 
 struct AcceptLoop {

@@ -406,6 +406,8 @@ async fn tickets_work_once_in_time_and_only_while_the_emr_session_lasts() {
     let expiring = Clinic::start_with(|s| s.session("ticket_ttl = \"1ms\"")).await;
     let browser = expiring.browser(DOCTOR);
     let launch = browser.launch("1001", None).await;
+    // The ticket lives 1 ms: the condition under test is that time has passed.
+    tokio::time::sleep(Duration::from_millis(5)).await;
     assert_eq!(browser.enter(&launch).await.status, 410, "expired ticket");
     assert!(expiring
         .audit_events("deny")
