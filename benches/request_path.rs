@@ -55,6 +55,7 @@ fn bench(c: &mut Criterion) {
     let mut trusted = TrustedHeaders::new();
     trusted.add("X-EHR-Context", Severity::Forgery);
     let template = browser_headers();
+    let request_id = HeaderValue::from_static("5cb70788-1");
     c.bench_function("headers/filter_and_forward", |b| {
         b.iter_batched(
             || template.clone(),
@@ -66,7 +67,7 @@ fn bench(c: &mut Criterion) {
                     &mut h,
                     [10, 1, 2, 3].into(),
                     "ehr.clinic.example",
-                    "5cb70788-1",
+                    &request_id,
                 );
                 h
             },

@@ -179,7 +179,7 @@ impl Gateway {
         if let Some(cookie) = cookie {
             h.insert(COOKIE, cookie.clone());
         }
-        headers::set_forwarded(h, peer, &ctx.host, &ctx.id);
+        headers::set_forwarded(h, peer, &ctx.host, &ctx.id_header);
         let resp = self.emr.send(req).await.map_err(|e| {
             self.metrics.upstream_failure(Origin::Emr, e.failure_kind());
             e.into_problem(Origin::Emr)

@@ -70,9 +70,14 @@ impl Gateway {
         let path = req.uri().path().to_owned();
         let observe_override =
             req.method() == Method::POST && path == self.config.ehr.override_path;
+        let vault = self.config.ehr.cookie_mode == CookieMode::Vault;
+        let mut req = req;
+        if vault {
+            // The browser's cookies are replaced by the jar's: no need to filter them.
+            req.headers_mut().remove(COOKIE);
+        }
         let mut out = self.prepare(ctx, Origin::Ehr, conn, req);
-        if self.config.ehr.cookie_mode == CookieMode::Vault {
-            out.parts.headers.remove(COOKIE);
+        if vault {
             let unix = time::OffsetDateTime::now_utc().unix_timestamp();
             let jar = session.jar.lock().expect("jar lock");
             if let Some(c) = jar.header_for(&path, unix) {

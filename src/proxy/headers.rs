@@ -35,6 +35,20 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// With `keep_upgrade`, an `Upgrade` handshake is being relayed: `Upgrade` is kept and
 /// `Connection: upgrade` is set again after the removal.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // One pass over the names finds which hop-by-hop fields are there (usually none, or
+    // Connection alone): removing only those saves hashing every name of the list.
+    let mut present: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if is_hop_by_hop(name) && !(keep_upgrade && name == header::UPGRADE) {
+            present.push(name.clone());
+        }
+    }
+    if present.is_empty() {
+        if keep_upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
     let mut named: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
         let Ok(value) = value.to_str() else { continue };
@@ -48,18 +62,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             }
         }
     }
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        if keep_upgrade && name == "upgrade" {
-            continue;
-        }
+    for name in named.into_iter().chain(present) {
         headers.remove(name);
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    // Standard names compare by identity; the two non-standard ones by text.
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHORIZATION
+        || HOP_BY_HOP.contains(&name.as_str())
 }
 
 /// Whether a request asks for an HTTP/1.1 protocol upgrade (WebSocket and the like).
@@ -163,7 +181,7 @@ pub fn set_forwarded(
     headers: &mut HeaderMap,
     client_ip: IpAddr,
     original_host: &str,
-    request_id: &str,
+    request_id: &HeaderValue,
 ) {
     if let Ok(v) = HeaderValue::from_str(&client_ip.to_string()) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
@@ -172,9 +190,7 @@ pub fn set_forwarded(
     if let Ok(v) = HeaderValue::from_str(original_host) {
         headers.insert(X_FORWARDED_HOST.clone(), v);
     }
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        headers.insert(X_REQUEST_ID.clone(), v);
-    }
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
 }
 
 /// HTTP/2 lets a client split `Cookie` into several fields; an HTTP/1.1 upstream needs
@@ -277,7 +293,7 @@ mod tests {
             &mut h,
             "127.0.0.1".parse().unwrap(),
             "emr.localhost:8443",
-            "r1",
+            &HeaderValue::from_static("r1"),
         );
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "127.0.0.1");

@@ -63,12 +63,16 @@ impl RequestIds {
         }
     }
 
-    fn next(&self) -> String {
-        format!(
+    /// The id as text (logs, audit) and as a header value sharing its bytes.
+    fn next(&self) -> (String, HeaderValue) {
+        let id = format!(
             "{:08x}-{:x}",
             self.prefix,
             self.next.fetch_add(1, Ordering::Relaxed)
-        )
+        );
+        let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(id.clone()))
+            .expect("hex digits and a dash are a valid header value");
+        (id, value)
     }
 }
 
@@ -94,6 +98,8 @@ pub struct Gateway {
 /// Per-request context carried through the phases.
 pub struct Ctx {
     pub id: String,
+    /// `id` as a header value (cheap to clone).
+    pub id_header: HeaderValue,
     pub started: Instant,
     /// The client prefers JSON to HTML for error pages.
     pub json: bool,
@@ -174,8 +180,10 @@ impl Gateway {
         conn: Arc<ConnInfo>,
         req: Request<Incoming>,
     ) -> Response<Body> {
+        let (id, id_header) = self.ids.next();
         let mut ctx = Ctx {
-            id: self.ids.next(),
+            id,
+            id_header,
             started: Instant::now(),
             json: crate::problem::wants_json(req.headers()),
             host: String::new(),
@@ -204,9 +212,8 @@ impl Gateway {
                     (origin.into(), resp)
                 }
             };
-            if let Ok(v) = HeaderValue::from_str(&ctx.id) {
-                resp.headers_mut().insert(headers::X_REQUEST_ID.clone(), v);
-            }
+            resp.headers_mut()
+                .insert(headers::X_REQUEST_ID.clone(), ctx.id_header.clone());
             let status = resp.status().as_u16();
             self.metrics.response(route, status);
             info!(%method, status, ms = ctx.started.elapsed().as_secs_f64() * 1e3, "served");
@@ -270,7 +277,12 @@ impl Gateway {
         };
         let (mut parts, body) = req.into_parts();
         self.filter_request(&mut parts.headers, upgrade);
-        headers::set_forwarded(&mut parts.headers, conn.peer.ip(), &ctx.host, &ctx.id);
+        headers::set_forwarded(
+            &mut parts.headers,
+            conn.peer.ip(),
+            &ctx.host,
+            &ctx.id_header,
+        );
         // The upstream client names the upstream's own host, as its certificate expects.
         parts.headers.remove(HOST);
         parts.uri = self.upstream(origin).uri_for(parts.uri.path_and_query());
