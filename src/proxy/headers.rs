@@ -77,7 +77,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == header::TRANSFER_ENCODING
         || name == header::UPGRADE
         || name == header::PROXY_AUTHORIZATION
-        || HOP_BY_HOP.contains(&name.as_str())
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
 }
 
 /// Whether a request asks for an HTTP/1.1 protocol upgrade (WebSocket and the like).
