@@ -7,20 +7,6 @@ use std::net::IpAddr;
 use http::header::{self, HeaderName, HeaderValue};
 use http::HeaderMap;
 
-/// Fields that are meaningful for one connection only. RFC 9110 §7.6.1: "Intermediaries
-/// SHOULD remove or replace fields that are known to require removal before forwarding,
-/// whether or not they appear as a connection-option ... Proxy-Connection, Keep-Alive, TE,
-/// Transfer-Encoding, and Upgrade." Proxy-Authorization is credentials meant for a proxy,
-/// never for the origin.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-];
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -70,6 +56,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Fields that are meaningful for one connection only. RFC 9110 §7.6.1: "Intermediaries
+/// SHOULD remove or replace fields that are known to require removal before forwarding,
+/// whether or not they appear as a connection-option ... Proxy-Connection, Keep-Alive, TE,
+/// Transfer-Encoding, and Upgrade." Proxy-Authorization is credentials meant for a proxy,
+/// never for the origin.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     // Standard names compare by identity; the two non-standard ones by text.
     name == header::CONNECTION
