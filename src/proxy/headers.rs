@@ -7,7 +7,6 @@ use std::net::IpAddr;
 use http::header::{self, HeaderName, HeaderValue};
 use http::HeaderMap;
 
-
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
