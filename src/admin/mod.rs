@@ -123,7 +123,7 @@ async fn admin_logout(state: &AdminState, req: &Request<Incoming>) -> Response<B
     let user = req
         .uri()
         .query()
-        .and_then(|q| crate::lifecycle::query_value(q, "user"))
+        .and_then(|q| crate::lifecycle::form::value(q, "user"))
         .filter(|u| !u.trim().is_empty());
     let Some(user) = user else {
         return Problem::bad_request(

@@ -25,12 +25,12 @@ impl Gateway {
         if let Some(key) = &key {
             if cfg.logout_paths.iter().any(|p| p == req.uri().path()) {
                 // Before the EMR even answers: the viewer is closed whatever it says.
-                self.sign_out_emr(key, EndReason::EmrLogoutPath, Some(&ctx.id))
+                self.sign_out_emr(key, EndReason::EmrLogoutPath, Some(ctx.id()))
                     .await;
             } else if let Some(emr) = self.store.emr(key) {
                 let now = self.store.now();
                 if decide::emr_idle(&emr, now, self.limits.emr_idle) {
-                    self.sign_out_emr(key, EndReason::EmrIdle, Some(&ctx.id))
+                    self.sign_out_emr(key, EndReason::EmrIdle, Some(ctx.id()))
                         .await;
                 } else {
                     emr.touch(now);
@@ -49,7 +49,7 @@ impl Gateway {
                 .any(|v| decide::set_cookie_expires(v, &cfg.session_cookie, unix));
             if expired {
                 // Before the response reaches the browser.
-                self.sign_out_emr(key, EndReason::EmrCookieExpired, Some(&ctx.id))
+                self.sign_out_emr(key, EndReason::EmrCookieExpired, Some(ctx.id()))
                     .await;
             }
         }

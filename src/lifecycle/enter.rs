@@ -41,7 +41,7 @@ impl Gateway {
                 RedeemError::EmrSessionEnded => "enter: EMR session ended",
             };
             let mut record = Record::new(Event::Deny, "refused")
-                .request_id(&ctx.id)
+                .request_id(ctx.id())
                 .detail(detail);
             if let Some(t) = &ticket {
                 record = record.user(&t.user).uao(&t.authority.id).patient(
@@ -68,7 +68,7 @@ impl Gateway {
                 .user(&t.user)
                 .uao(&t.authority.id)
                 .patient(&t.patient.demographic_no, hcn_hmac.clone())
-                .request_id(&ctx.id)
+                .request_id(ctx.id())
                 .detail(if t.mrp { "mrp" } else { "not_mrp" }),
         )?;
 
@@ -88,7 +88,7 @@ impl Gateway {
             }
             other => {
                 if other.is_some() {
-                    self.end_ehr_of(&t.emr, EndReason::AuthorityChange, Some(&ctx.id))
+                    self.end_ehr_of(&t.emr, EndReason::AuthorityChange, Some(ctx.id()))
                         .await;
                 }
                 let s = Arc::new(EhrSession::new(

@@ -51,7 +51,7 @@ impl Gateway {
             Ok(resp) => Ok(resp),
             Err(Denied { detail, problem }) => {
                 let mut record = Record::new(Event::Deny, "refused")
-                    .request_id(&ctx.id)
+                    .request_id(ctx.id())
                     .detail(format!("launch: {detail}"));
                 record.user = known.user;
                 record.uao = known.uao;
@@ -101,9 +101,10 @@ impl Gateway {
             return Err(denied("no EMR session cookie", login_first()));
         };
         let emr_key = TokenHash::of(emr_cookie);
-        let mut user_cookies = req.headers().clone();
-        cookies::strip_own(&mut user_cookies);
-        let user_cookie = user_cookies.get(COOKIE);
+        // The clinician's own EMR cookies, ehrgate's taken out.
+        let user_cookie = cookies::without_own(req.headers())
+            .unwrap_or_else(|| req.headers().get(COOKIE).cloned());
+        let user_cookie = user_cookie.as_ref();
 
         // The EMR itself says whether this session is logged in, and who the user is.
         let (status, whoami) = self
@@ -190,7 +191,7 @@ impl Gateway {
             .map_err(|_| denied("session store full", store_full()))?;
         if *emr.user != *user {
             // The same EMR cookie now belongs to another user: the old login is over.
-            self.sign_out_emr(&emr_key, EndReason::EmrGone, Some(&ctx.id))
+            self.sign_out_emr(&emr_key, EndReason::EmrGone, Some(ctx.id()))
                 .await;
             emr = self
                 .store
@@ -201,7 +202,7 @@ impl Gateway {
 
         if let Some(existing) = self.store.ehr_of_emr(&emr_key) {
             if decide::must_end_for_authority(Some(&existing), authority) {
-                self.end_ehr_of(&emr_key, EndReason::AuthorityChange, Some(&ctx.id))
+                self.end_ehr_of(&emr_key, EndReason::AuthorityChange, Some(ctx.id()))
                     .await;
             }
         }
@@ -226,7 +227,7 @@ impl Gateway {
             .user(&user)
             .uao(&authority.id)
             .patient(&demographic_no, hcn_hmac)
-            .request_id(&ctx.id)
+            .request_id(ctx.id())
             .detail(if mrp { "mrp" } else { "not_mrp" });
         if let Err(p) = self.audit_or_refuse(&record) {
             self.store.take_ticket(&ticket.hash());

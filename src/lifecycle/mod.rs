@@ -9,7 +9,7 @@
 mod emr;
 mod enter;
 mod events;
-mod form;
+pub(crate) mod form;
 mod inject;
 mod launch;
 mod overlay;
@@ -31,12 +31,7 @@ use crate::proxy::route::Origin;
 use crate::proxy::{headers, ConnInfo, Ctx, Gateway};
 use crate::session::Millis;
 
-pub use sweep::{spawn_sweeper, sweep};
-
-/// A decoded query-string value.
-pub fn query_value<'a>(query: &'a str, name: &str) -> Option<std::borrow::Cow<'a, str>> {
-    form::value(query, name)
-}
+pub use sweep::spawn_sweeper;
 
 /// The configured session limits, in store milliseconds.
 #[derive(Debug, Clone, Copy)]

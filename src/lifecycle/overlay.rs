@@ -49,7 +49,7 @@ impl Gateway {
         if let Some(why) = same_origin_refusal(req.headers(), &self.config.emr.host) {
             self.audit_best_effort(
                 &Record::new(Event::Deny, "refused")
-                    .request_id(&ctx.id)
+                    .request_id(ctx.id())
                     .detail(format!("disconnect: cross-site request ({why})")),
             );
             return Err(Problem::new(
@@ -62,12 +62,12 @@ impl Gateway {
         if let Some(emr) = self.emr_of_marker(req.headers()) {
             let ehr = self.store.ehr_of_emr(&emr.key);
             if self
-                .end_ehr_of(&emr.key, EndReason::Disconnect, Some(&ctx.id))
+                .end_ehr_of(&emr.key, EndReason::Disconnect, Some(ctx.id()))
                 .await
             {
                 let mut record = Record::new(Event::Disconnect, "ok")
                     .user(&emr.user)
-                    .request_id(&ctx.id);
+                    .request_id(ctx.id());
                 if let Some(ehr) = ehr {
                     record = record.uao(&ehr.authority.id);
                 }

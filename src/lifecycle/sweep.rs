@@ -36,7 +36,7 @@ pub fn spawn_sweeper(gateway: Arc<Gateway>) {
 }
 
 /// One pass over the store.
-pub async fn sweep(gateway: &Gateway) {
+async fn sweep(gateway: &Gateway) {
     let store = &gateway.store;
     let l = gateway.limits;
     let now = store.now();

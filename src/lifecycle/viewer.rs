@@ -38,17 +38,17 @@ impl Gateway {
         let now = self.store.now();
         let l = &self.limits;
         if let Some(reason) = decide::ehr_expired(&session, now, l.ehr_idle, l.ehr_lifetime) {
-            self.end_ehr_of(&session.emr, reason, Some(&ctx.id)).await;
+            self.end_ehr_of(&session.emr, reason, Some(ctx.id())).await;
             return None;
         }
         match self.store.emr(&session.emr) {
             None => {
-                self.end_ehr_of(&session.emr, EndReason::EmrGone, Some(&ctx.id))
+                self.end_ehr_of(&session.emr, EndReason::EmrGone, Some(ctx.id()))
                     .await;
                 return None;
             }
             Some(emr) if decide::emr_idle(&emr, now, l.emr_idle) => {
-                self.sign_out_emr(&emr.key, EndReason::EmrIdle, Some(&ctx.id))
+                self.sign_out_emr(&emr.key, EndReason::EmrIdle, Some(ctx.id()))
                     .await;
                 return None;
             }
@@ -184,7 +184,7 @@ impl Gateway {
                 &patient.demographic_no.to_string(),
                 patient.hcn_hmac.map(|t| crate::audit::hex(&t)),
             )
-            .request_id(&ctx.id);
+            .request_id(ctx.id());
         match &reason {
             Some(r) => record = record.reason(r),
             None => record = record.detail("no reason field in the form"),

@@ -42,24 +42,34 @@ pub fn names(headers: &HeaderMap) -> Vec<String> {
 
 /// Removes ehrgate's own cookies from the `Cookie` header (one field left, or none).
 pub fn strip_own(headers: &mut HeaderMap) {
+    if let Some(without) = without_own(headers) {
+        headers.remove(COOKIE);
+        if let Some(v) = without {
+            headers.insert(COOKIE, v);
+        }
+    }
+}
+
+/// The `Cookie` value to send upstream: `None` when the request carries no ehrgate
+/// cookie (send it as it is); otherwise the other cookies, if any are left.
+pub fn without_own(headers: &HeaderMap) -> Option<Option<HeaderValue>> {
     let has_own = headers.get_all(COOKIE).iter().any(|v| {
         v.as_bytes()
             .windows(OWN_PREFIX.len())
             .any(|w| w == OWN_PREFIX.as_bytes())
     });
     if !has_own {
-        return;
+        return None;
     }
     let kept: Vec<String> = pairs(headers)
         .filter(|(n, _)| !n.starts_with(OWN_PREFIX))
         .map(|(n, v)| format!("{n}={v}"))
         .collect();
-    headers.remove(COOKIE);
-    if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
-            headers.insert(COOKIE, v);
-        }
-    }
+    Some(if kept.is_empty() {
+        None
+    } else {
+        HeaderValue::from_str(&kept.join("; ")).ok()
+    })
 }
 
 /// `Set-Cookie` for one of ehrgate's `__Host-` cookies (a browser session cookie).

@@ -63,16 +63,15 @@ impl RequestIds {
         }
     }
 
-    /// The id as text (logs, audit) and as a header value sharing its bytes.
-    fn next(&self) -> (String, HeaderValue) {
+    /// A fresh id, as the header value it travels in (logs and audit read it as text).
+    fn next(&self) -> HeaderValue {
         let id = format!(
             "{:08x}-{:x}",
             self.prefix,
             self.next.fetch_add(1, Ordering::Relaxed)
         );
-        let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(id.clone()))
-            .expect("hex digits and a dash are a valid header value");
-        (id, value)
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(id))
+            .expect("hex digits and a dash are a valid header value")
     }
 }
 
@@ -97,8 +96,7 @@ pub struct Gateway {
 
 /// Per-request context carried through the phases.
 pub struct Ctx {
-    pub id: String,
-    /// `id` as a header value (cheap to clone).
+    /// The request id, as sent upstream and to the client (cheap to clone).
     pub id_header: HeaderValue,
     pub started: Instant,
     /// The client prefers JSON to HTML for error pages.
@@ -114,6 +112,13 @@ pub struct Outbound {
     client_upgrade: Option<OnUpgrade>,
 }
 
+impl Ctx {
+    /// The request id as text.
+    pub fn id(&self) -> &str {
+        self.id_header.to_str().unwrap_or_default()
+    }
+}
+
 impl Gateway {
     pub fn new(
         config: Arc<Config>,
@@ -123,14 +128,12 @@ impl Gateway {
         let s = &config.server;
         let emr = Upstream::new(
             Origin::Emr,
-            "emr",
             &config.emr.upstream,
             &config.emr.upstream_ca,
             s,
         )?;
         let ehr = Upstream::new(
             Origin::Ehr,
-            "ehr",
             &config.ehr.upstream,
             &config.ehr.upstream_ca,
             s,
@@ -180,10 +183,8 @@ impl Gateway {
         conn: Arc<ConnInfo>,
         req: Request<Incoming>,
     ) -> Response<Body> {
-        let (id, id_header) = self.ids.next();
         let mut ctx = Ctx {
-            id,
-            id_header,
+            id_header: self.ids.next(),
             started: Instant::now(),
             json: crate::problem::wants_json(req.headers()),
             host: String::new(),
@@ -191,20 +192,19 @@ impl Gateway {
         // The path only: query strings can carry patient details.
         let span = tracing::info_span!(
             "request",
-            id = %ctx.id,
+            id = %ctx.id(),
             method = %req.method(),
             path = req.uri().path(),
             origin = tracing::field::Empty,
         );
         async move {
             let method = req.method().clone();
-            let (route, mut resp) = match self.classify(&conn, &req) {
+            let host = route::request_host(req.uri(), req.headers());
+            let (route, mut resp) = match self.classify(&conn, req.method(), host) {
                 Err(problem) => (Route::Unrouted, self.fail(&ctx, problem)),
                 Ok(origin) => {
                     tracing::Span::current().record("origin", origin.as_str());
-                    ctx.host = route::request_host(req.uri(), req.headers())
-                        .unwrap_or_default()
-                        .to_owned();
+                    ctx.host = host.unwrap_or_default().to_owned();
                     let resp = match self.serve(&ctx, origin, &conn, req).await {
                         Ok(resp) => resp,
                         Err(problem) => self.fail(&ctx, problem),
@@ -223,8 +223,13 @@ impl Gateway {
         .await
     }
 
-    fn classify(&self, conn: &ConnInfo, req: &Request<Incoming>) -> Result<Origin, Problem> {
-        if req.method() == Method::CONNECT {
+    fn classify(
+        &self,
+        conn: &ConnInfo,
+        method: &Method,
+        host: Option<&str>,
+    ) -> Result<Origin, Problem> {
+        if method == Method::CONNECT {
             return Err(Problem::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
@@ -233,7 +238,7 @@ impl Gateway {
             ));
         }
         route::classify(
-            route::request_host(req.uri(), req.headers()),
+            host,
             conn.sni.as_deref(),
             &self.config.emr.host,
             &self.config.ehr.host,
@@ -381,6 +386,6 @@ impl Gateway {
                 warn!(status = problem.status.as_u16(), code = problem.code, cause = %cause, "internal error")
             }
         }
-        problem.into_response(&ctx.id, ctx.json)
+        problem.into_response(ctx.id(), ctx.json)
     }
 }

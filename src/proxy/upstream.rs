@@ -22,7 +22,6 @@ use crate::tls;
 const POOL_MAX_IDLE: usize = 512;
 
 pub struct Upstream {
-    origin: Origin,
     scheme: Scheme,
     authority: http::uri::Authority,
     client: Client<HttpsConnector<HttpConnector>, Body>,
@@ -96,13 +95,14 @@ impl UpstreamError {
 }
 
 impl Upstream {
+    /// The upstream of `origin`; configuration errors name `emr.…` or `ehr.…` keys.
     pub fn new(
         origin: Origin,
-        key: &str,
         url: &str,
         ca: &str,
         server: &ServerConfig,
     ) -> Result<Self, ConfigError> {
+        let key = origin.as_str();
         let parsed = UpstreamUrl::parse(&format!("{key}.upstream"), url)?;
         let tls = if parsed.https {
             tls::upstream_client_config(&format!("{key}.upstream_ca"), ca)?
@@ -132,7 +132,6 @@ impl Upstream {
             .pool_max_idle_per_host(POOL_MAX_IDLE)
             .build(connector);
         Ok(Self {
-            origin,
             scheme: if parsed.https {
                 Scheme::HTTPS
             } else {
@@ -142,10 +141,6 @@ impl Upstream {
             client,
             response_timeout: server.upstream_response_timeout.get(),
         })
-    }
-
-    pub fn origin(&self) -> Origin {
-        self.origin
     }
 
     /// The upstream URI for a client's path and query.

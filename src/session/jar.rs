@@ -87,11 +87,6 @@ impl CookieJar {
         Some(out)
     }
 
-    /// Every cookie's name and path, to expire them in a browser.
-    pub fn names_and_paths(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.cookies.iter().map(|c| (c.name(), c.path()))
-    }
-
     pub fn is_empty(&self) -> bool {
         self.cookies.is_empty()
     }
