@@ -28,6 +28,10 @@ impl ConfigDuration {
     }
 }
 
+/// The longest duration accepted: far beyond any sensible limit, and short enough that
+/// adding it to the current time never overflows.
+pub const MAX: Duration = Duration::from_secs(366 * 86_400);
+
 /// Parses `"90s"`-style text. The message on error says what is accepted.
 pub fn parse(text: &str) -> Result<Duration, String> {
     let bad = || {
@@ -60,6 +64,11 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         };
         rest = &rest[unit_len..];
         total = total.checked_add(part).ok_or_else(bad)?;
+    }
+    if total > MAX {
+        return Err(format!(
+            "duration {text:?} is longer than a year; no limit of ehrgate needs that much"
+        ));
     }
     Ok(total)
 }
@@ -123,6 +132,11 @@ mod tests {
             let err = parse(bad).unwrap_err();
             assert!(err.contains("invalid duration"), "{bad}: {err}");
         }
+        for too_long in ["367d", "99999999999999h", "366d1ms"] {
+            let err = parse(too_long).unwrap_err();
+            assert!(err.contains("longer than a year"), "{too_long}: {err}");
+        }
+        assert_eq!(parse("366d"), Ok(MAX));
     }
 
     #[test]

@@ -42,6 +42,13 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Upper bounds of the counted limits: beyond them a value is a typing error, not a plan,
+/// and some would exhaust the process (threads, memory) before serving anything.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
+pub const MAX_FORM_BYTES: usize = 16 * 1024 * 1024;
+pub const MAX_SESSIONS: usize = 100_000_000;
+pub const MAX_WORKERS: usize = 256;
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -493,14 +500,27 @@ impl Config {
                 "must be between 8192 and 1048576",
             ));
         }
-        for (key, n) in [
-            ("server.max_connections", s.max_connections),
-            ("server.max_form_bytes", s.max_form_bytes),
-            ("session.max_sessions", self.session.max_sessions),
+        for (key, n, most) in [
+            ("server.max_connections", s.max_connections, MAX_CONNECTIONS),
+            ("server.max_form_bytes", s.max_form_bytes, MAX_FORM_BYTES),
+            (
+                "session.max_sessions",
+                self.session.max_sessions,
+                MAX_SESSIONS,
+            ),
         ] {
             if n == 0 {
                 return Err(ConfigError::new(key, "must be at least 1"));
             }
+            if n > most {
+                return Err(ConfigError::new(key, format!("must be at most {most}")));
+            }
+        }
+        if s.workers > MAX_WORKERS {
+            return Err(ConfigError::new(
+                "server.workers",
+                format!("must be at most {MAX_WORKERS} (0: one per CPU)"),
+            ));
         }
 
         let emr = &self.emr;
@@ -570,6 +590,15 @@ impl Config {
 
         if self.context.issuer.is_empty() {
             return Err(ConfigError::new("context.issuer", "must not be empty"));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
+            return Err(ConfigError::new(
+                "log.filter",
+                format!(
+                    "{:?} is not a log filter ({e}); write e.g. \"info\" or \"ehrgate=debug,warn\"",
+                    self.log.filter
+                ),
+            ));
         }
         Ok(())
     }
@@ -651,7 +680,10 @@ fn validate_host(key: &str, host: &str) -> Result<(), ConfigError> {
 }
 
 fn validate_path(key: &str, path: &str) -> Result<(), ConfigError> {
-    if path.starts_with('/') && !path.contains(['?', '#', ' ']) {
+    if path.starts_with('/')
+        && !path.contains(['?', '#', ' '])
+        && path.parse::<http::uri::PathAndQuery>().is_ok()
+    {
         Ok(())
     } else {
         Err(ConfigError::new(

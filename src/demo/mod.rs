@@ -27,7 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use crate::body::Body;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::problem::escape_html;
 use crate::server::{self, Prepared, Running, StartError};
 use crate::tls::dev::{ensure_dev_files, DevFiles};
@@ -41,20 +41,56 @@ where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
+    spawn_server(listener, None, handler)
+}
+
+/// Serves HTTPS (HTTP/1.1 and HTTP/2, by ALPN) on `listener` with `tls` and `handler`,
+/// as a real viewer does, until the task is dropped.
+pub fn spawn_https<F, Fut>(listener: TcpListener, tls: Arc<rustls::ServerConfig>, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    spawn_server(
+        listener,
+        Some(tokio_rustls::TlsAcceptor::from(tls)),
+        handler,
+    )
+}
+
+fn spawn_server<F, Fut>(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
             let handler = handler.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let fut = handler(req);
                     async move { Ok::<_, Infallible>(fut.await) }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
-                    .await;
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = match tls {
+                    None => {
+                        builder
+                            .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                            .await
+                    }
+                    Some(tls) => match tls.accept(tcp).await {
+                        Ok(stream) => {
+                            builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                                .await
+                        }
+                        Err(_) => return,
+                    },
+                };
             });
         }
     });
@@ -174,7 +210,12 @@ impl Demo {
 }
 
 /// The configuration the demo runs with: two authorities, vault mode.
-pub fn config(options: &DemoOptions, files: &DevFiles, emr: SocketAddr, ehr: SocketAddr) -> Config {
+pub fn config(
+    options: &DemoOptions,
+    files: &DevFiles,
+    emr: SocketAddr,
+    ehr: SocketAddr,
+) -> Result<Config, ConfigError> {
     let text = format!(
         r#"
 [server]
@@ -189,7 +230,8 @@ upstream = "http://{emr}"
 
 [ehr]
 host = "{EHR_HOST}"
-upstream = "http://{ehr}"
+upstream = "https://localhost:{ehr_port}"
+upstream_ca = {ca:?}
 
 [[authority]]
 id = "2.16.840.1.113883.3.239.9:101"
@@ -211,8 +253,10 @@ path = {audit:?}
         key = files.server_key.display().to_string(),
         signing = files.signing_key.display().to_string(),
         audit = options.audit_path.display().to_string(),
+        ca = files.ca_cert.display().to_string(),
+        ehr_port = ehr.port(),
     );
-    Config::parse(&text).expect("the demo configuration is valid")
+    Config::parse(&text)
 }
 
 /// Errors starting the demo.
@@ -245,12 +289,19 @@ pub async fn start(options: DemoOptions) -> Result<Demo, DemoError> {
     let ehr_addr = ehr_listener.local_addr().map_err(DemoError::Loopback)?;
 
     let prepared =
-        Prepared::new(config(&options, &files, emr_addr, ehr_addr)).map_err(StartError::from)?;
+        Prepared::new(config(&options, &files, emr_addr, ehr_addr).map_err(StartError::from)?)
+            .map_err(StartError::from)?;
     let viewer = Arc::new(viewer::Viewer::default());
     viewer.set_jwks(serde_json::from_slice(&prepared.gateway.signer.jwks()).expect("JWKS is JSON"));
     let emr = Arc::new(emr::Emr::default());
     spawn_http(emr_listener, move |req| emr.clone().handle(req));
-    spawn_http(ehr_listener, move |req| viewer.clone().handle(req));
+    // The regional viewer is only ever served over HTTPS; so is the demo's, with the
+    // development certificate (it names localhost), verified against the development CA.
+    let viewer_tls = crate::tls::server_config(&files.server_cert, &files.server_key)
+        .map_err(StartError::from)?;
+    spawn_https(ehr_listener, viewer_tls, move |req| {
+        viewer.clone().handle(req)
+    });
 
     let running = server::start_prepared(prepared).await?;
     Ok(Demo {

@@ -35,7 +35,10 @@ pub enum UpstreamError {
     ResponseTimeout,
     /// No connection within `upstream_connect_timeout`.
     ConnectTimeout(BoxError),
-    /// Connection refused, name not resolved, TLS verification failed, ...
+    /// The upstream's TLS certificate was refused (no configured CA vouches for it, its
+    /// name does not match, it has expired, ...): nothing was sent to it.
+    Certificate { reason: String, cause: BoxError },
+    /// Connection refused, name not resolved, TLS handshake failed, ...
     Connect(BoxError),
     /// The connection broke before a response header arrived.
     Other(BoxError),
@@ -47,7 +50,9 @@ impl UpstreamError {
             UpstreamError::ResponseTimeout | UpstreamError::ConnectTimeout(_) => {
                 UpstreamFailure::Timeout
             }
-            UpstreamError::Connect(_) => UpstreamFailure::Connect,
+            UpstreamError::Connect(_) | UpstreamError::Certificate { .. } => {
+                UpstreamFailure::Connect
+            }
             UpstreamError::Other(_) => UpstreamFailure::Other,
         }
     }
@@ -67,6 +72,14 @@ impl UpstreamError {
                 "upstream_connect_timeout",
                 format!("ehrgate could not connect to {who} in time."),
                 Some(e),
+            ),
+            UpstreamError::Certificate { reason, cause } => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_certificate_refused",
+                format!(
+                    "ehrgate refused the TLS certificate of {who} ({reason}) and sent it nothing."
+                ),
+                Some(cause),
             ),
             UpstreamError::Connect(e) => (
                 StatusCode::BAD_GATEWAY,
@@ -168,24 +181,44 @@ impl Upstream {
 }
 
 fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
-    let timed_out = {
-        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        let mut found = false;
-        while let Some(err) = next {
-            if let Some(io) = err.downcast_ref::<std::io::Error>() {
-                found |= io.kind() == std::io::ErrorKind::TimedOut;
+    let mut timed_out = false;
+    let mut certificate = None;
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = next {
+        next = err.source();
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            timed_out |= io.kind() == std::io::ErrorKind::TimedOut;
+            // An I/O error's `source` skips the error it wraps: step into that instead.
+            if let Some(inner) = io.get_ref() {
+                next = Some(inner as &(dyn std::error::Error + 'static));
             }
-            next = err.source();
         }
-        found
-    };
-    if e.is_connect() {
-        if timed_out {
-            UpstreamError::ConnectTimeout(Box::new(e))
-        } else {
-            UpstreamError::Connect(Box::new(e))
+        if let Some(rustls::Error::InvalidCertificate(why)) = err.downcast_ref::<rustls::Error>() {
+            certificate = Some(certificate_reason(why));
         }
-    } else {
-        UpstreamError::Other(Box::new(e))
+    }
+    match certificate {
+        Some(reason) => UpstreamError::Certificate {
+            reason,
+            cause: Box::new(e),
+        },
+        None if e.is_connect() && timed_out => UpstreamError::ConnectTimeout(Box::new(e)),
+        None if e.is_connect() => UpstreamError::Connect(Box::new(e)),
+        None => UpstreamError::Other(Box::new(e)),
+    }
+}
+
+/// What an IT person needs to hear about a refused upstream certificate.
+fn certificate_reason(e: &rustls::CertificateError) -> String {
+    use rustls::CertificateError as C;
+    match e {
+        C::UnknownIssuer => "no configured CA vouches for it: check upstream_ca".into(),
+        C::NotValidForName | C::NotValidForNameContext { .. } => {
+            "it is not valid for the upstream's host name".into()
+        }
+        C::Expired | C::ExpiredContext { .. } => "it has expired".into(),
+        C::NotValidYet | C::NotValidYetContext { .. } => "it is not valid yet".into(),
+        C::Revoked => "it has been revoked".into(),
+        other => format!("{other:?}"),
     }
 }

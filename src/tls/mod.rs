@@ -98,7 +98,9 @@ pub fn server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConf
 }
 
 /// Builds the client TLS configuration for an `https://` upstream: verified against
-/// `ca_path` when given, otherwise against the system's roots. Upstreams speak HTTP/1.1.
+/// `ca_path` when given, otherwise against the system's roots, with the upstream's name
+/// checked against its certificate. ALPN is left empty: the HTTP connector offers the
+/// protocols it speaks itself, and refuses a configuration that already names some.
 pub fn upstream_client_config(key: &str, ca_path: &str) -> Result<ClientConfig, ConfigError> {
     let mut roots = RootCertStore::empty();
     if ca_path.is_empty() {
@@ -123,13 +125,11 @@ pub fn upstream_client_config(key: &str, ca_path: &str) -> Result<ClientConfig, 
             })?;
         }
     }
-    let mut config = ClientConfig::builder_with_provider(provider())
+    Ok(ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|e| ConfigError::new(key, format!("TLS set-up failed: {e}")))?
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
-    Ok(config)
+        .with_no_client_auth())
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 //! `ehrgate check-config` on good and bad files: exit 2 and one clear line naming the key.
 
+use ehrgate::tls::dev::{generate_signing_key_pem, DevPki};
+
 use crate::support::{check_config, check_config_path, Files, Setup};
 
 fn valid(files: &Files) -> String {
@@ -41,6 +43,100 @@ fn the_shipped_example_parses_and_names_its_missing_certificate() {
         stderr.contains("server.tls_cert: cannot read certs/server.crt"),
         "{stderr}"
     );
+}
+
+/// The shipped example, with the certificate, key and signing key it names generated
+/// where it expects them, is valid: its `https://` viewer verified against the system's
+/// roots.
+#[test]
+fn the_shipped_example_is_valid_once_its_files_exist() {
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/ehrgate.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    let pki = DevPki::generate(&["emr.clinic.example", "ehr.clinic.example"]).unwrap();
+    std::fs::write(certs.join("server.crt"), &pki.server_cert_pem).unwrap();
+    std::fs::write(certs.join("server.key"), &pki.server_key_pem).unwrap();
+    std::fs::write(
+        certs.join("context-signing.pem"),
+        generate_signing_key_pem().unwrap(),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&shipped).unwrap();
+    assert!(
+        text.contains("upstream = \"https://"),
+        "the example has an https upstream"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ehrgate"))
+        .args(["check-config", "--config"])
+        .arg(&shipped)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("configuration is valid"), "{stderr}");
+}
+
+/// Values that once reached an `expect` or an overflow at start-up or on the first
+/// request are refused by `check-config` with the key named, never a panic.
+#[test]
+fn values_that_could_not_run_are_refused_at_load() {
+    let files = Files::new();
+    let base = valid(&files);
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "[ehr]\n",
+            "[ehr]\nlaunch_path = \"/launch\\u007F\"\n",
+            &["ehr.launch_path", "absolute path"],
+        ),
+        (
+            "[emr]\n",
+            "[emr]\nlaunch_path = \"/oscar/\\u0001\"\n",
+            &["emr.launch_path"],
+        ),
+        (
+            "[server]\n",
+            "[server]\nidle_timeout = \"99999999999h\"\n",
+            &["server.idle_timeout", "longer than a year"],
+        ),
+        (
+            "[session]\n",
+            "[session]\nmax_lifetime = \"400d\"\n",
+            &["session.max_lifetime", "longer than a year"],
+        ),
+        (
+            "[server]\n",
+            "[server]\nmax_connections = 18446744073709551615\n",
+            &["server.max_connections"],
+        ),
+        (
+            "[server]\n",
+            "[server]\nworkers = 100000\n",
+            &["server.workers", "at most 256"],
+        ),
+        (
+            "[server]\n",
+            "[server]\nmax_form_bytes = 99999999999\n",
+            &["server.max_form_bytes", "at most"],
+        ),
+        (
+            "filter = \"warn\"",
+            "filter = \"ehrgate=loudest\"",
+            &["log.filter", "not a log filter"],
+        ),
+    ];
+    for (at, with, fragments) in cases {
+        assert!(base.contains(at), "{at}");
+        let text = base.replacen(at, with, 1);
+        let (code, stdout, stderr) = check_config(&text);
+        assert_eq!(code, 2, "{with}: {stderr}");
+        assert!(stdout.is_empty());
+        assert!(!stderr.contains("panicked"), "{with}: {stderr}");
+        for f in *fragments {
+            assert!(stderr.contains(f), "{with}: {f:?} not in {stderr}");
+        }
+    }
 }
 
 #[test]

@@ -10,8 +10,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::client::H1;
+use crate::support::pki::{Name, TestCa, LOOPBACK};
 use crate::support::upstream::{self, Echo};
-use crate::support::{Gate, Setup, EHR, EMR};
+use crate::support::{Child, Gate, Setup, EHR, EMR};
 
 /// Generous upper bound for things that must happen "soon"; tests wait on events, and
 /// this only turns a hang into a failure.
@@ -140,6 +141,107 @@ async fn refused_upstream_is_502_with_a_clear_page() {
         metrics.contains("ehrgate_upstream_errors_total{origin=\"emr\",kind=\"connect\"} 2"),
         "{metrics}"
     );
+}
+
+/// ehrgate (the real binary, to read its log) in front of `echo` over HTTPS, verified
+/// against `ca` or, without one, the system's roots. The EMR host is used: it forwards
+/// without a session.
+async fn https_gate(echo: &Echo, ca: Option<&str>) -> Child {
+    let mut setup = Setup::new(echo.addr, echo.addr);
+    if let Some(ca) = ca {
+        setup = setup.emr(&format!("upstream_ca = {ca:?}"));
+    }
+    setup.emr_upstream = format!("https://{}", echo.addr);
+    setup.ehr_upstream = format!("https://{}", echo.addr);
+    Child::start(setup).await
+}
+
+#[tokio::test]
+async fn an_upstream_certificate_no_configured_ca_vouches_for_is_refused() {
+    let trusted = TestCa::new("the clinic's CA");
+    let stranger = TestCa::new("someone else's CA");
+    let echo = Echo::start_tls("any", stranger.server(&[LOOPBACK])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = trusted.write(dir.path(), "ca.pem");
+    // A private CA that is not the upstream's, then the system's roots.
+    for gate in [
+        https_gate(&echo, Some(&ca)).await,
+        https_gate(&echo, None).await,
+    ] {
+        let mut c = gate.client().h1(EMR).await;
+        let r = c.get(EMR, "/oscar/index.jsp").await;
+        assert_eq!(r.status, 502, "{}", r.text());
+        let page = r.text();
+        assert!(
+            page.contains("refused the TLS certificate of the EMR")
+                && page.contains("no configured CA vouches for it"),
+            "{page}"
+        );
+        let req = H1::request(EMR, "/oscar/index.jsp")
+            .header("accept", "application/json")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(
+            c.fetch(req).await.json()["error"],
+            "upstream_certificate_refused"
+        );
+        gate.logged(&[
+            "upstream failed",
+            "upstream_certificate_refused",
+            "UnknownIssuer",
+        ])
+        .await;
+    }
+    assert_eq!(
+        echo.hits(),
+        0,
+        "nothing reached an upstream it could not verify"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_certificate_for_another_name_is_refused() {
+    let ca = TestCa::new("the clinic's CA");
+    // Signed by the trusted CA, but for another host than the configured 127.0.0.1.
+    let echo = Echo::start_tls("any", ca.server(&[Name::Dns("emr.example")])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gate = https_gate(&echo, Some(&ca.write(dir.path(), "ca.pem"))).await;
+    let r = gate.client().get(EMR, "/oscar/index.jsp").await;
+    assert_eq!(r.status, 502);
+    assert!(
+        r.text()
+            .contains("it is not valid for the upstream&#39;s host name"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(echo.hits(), 0);
+    gate.logged(&[
+        "upstream_certificate_refused",
+        "certificate not valid for name",
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn an_https_upstream_with_a_private_ca_is_reached_over_kept_connections() {
+    let ca = TestCa::new("the clinic's CA");
+    let echo = Echo::start_tls("emr", ca.server(&[LOOPBACK])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = ca.write(dir.path(), "ca.pem");
+    let mut setup = Setup::new(echo.addr, echo.addr).emr(&format!("upstream_ca = {ca_path:?}"));
+    setup.emr_upstream = format!("https://{}", echo.addr);
+    let gate = Gate::start(setup).await;
+    let mut h1 = gate.client().h1(EMR).await;
+    let mut h2 = gate.client().h2(EMR).await;
+    for i in 0..3 {
+        let r = h1.get(EMR, &format!("/oscar/index.jsp?n={i}")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["upstream"], "emr");
+        assert_eq!(r.json()["query"], format!("n={i}"));
+        let r = h2.get(EMR, "/oscar/h2").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(echo.hits(), 6);
 }
 
 #[tokio::test]

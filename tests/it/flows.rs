@@ -40,7 +40,16 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn the_whole_clinician_flow_of_design_section_1() {
-    let clinic = Clinic::start_with(two_authorities).await;
+    the_whole_flow(Clinic::start_with(two_authorities).await).await;
+}
+
+/// The same with both upstreams over HTTPS, verified against a private CA.
+#[tokio::test]
+async fn the_whole_clinician_flow_over_https_upstreams() {
+    the_whole_flow(Clinic::start_tls_with(two_authorities).await).await;
+}
+
+async fn the_whole_flow(clinic: Clinic) {
     let browser = clinic.browser(DOCTOR);
 
     // The overlay asks for the authorities before the first launch.

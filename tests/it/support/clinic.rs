@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 use super::client::{Resp, TestClient};
+use super::pki::{TestCa, LOOPBACK};
 use super::upstream::{self, echo};
 use super::{Gate, Setup, EHR, EMR};
 
@@ -68,9 +69,18 @@ pub struct FakeEmr {
 
 impl FakeEmr {
     pub async fn start() -> Self {
+        Self::start_on(None).await
+    }
+
+    /// Served over HTTPS with `tls` when given, else plain HTTP.
+    pub async fn start_on(tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let state = Arc::new(EmrState::default());
         let s = state.clone();
-        let addr = upstream::spawn(move |req| emr(s.clone(), req)).await;
+        let handler = move |req| emr(s.clone(), req);
+        let addr = match tls {
+            Some(tls) => upstream::spawn_tls(tls, handler).await,
+            None => upstream::spawn(handler).await,
+        };
         Self { addr, state }
     }
 
@@ -156,9 +166,18 @@ pub struct FakeViewer {
 
 impl FakeViewer {
     pub async fn start() -> Self {
+        Self::start_on(None).await
+    }
+
+    /// Served over HTTPS with `tls` when given, else plain HTTP.
+    pub async fn start_on(tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let state = Arc::new(ViewerState::default());
         let s = state.clone();
-        let addr = upstream::spawn(move |req| viewer(s.clone(), req)).await;
+        let handler = move |req| viewer(s.clone(), req);
+        let addr = match tls {
+            Some(tls) => upstream::spawn_tls(tls, handler).await,
+            None => upstream::spawn(handler).await,
+        };
         Self { addr, state }
     }
 
@@ -404,6 +423,8 @@ pub struct Clinic {
     pub gate: Gate,
     pub emr: FakeEmr,
     pub viewer: FakeViewer,
+    /// The upstreams' private CA, when they are served over HTTPS.
+    _upstream_ca: Option<tempfile::TempDir>,
 }
 
 impl Clinic {
@@ -415,13 +436,45 @@ impl Clinic {
         let emr = FakeEmr::start().await;
         let viewer = FakeViewer::start().await;
         let gate = Gate::start(f(Setup::new(emr.addr, viewer.addr))).await;
+        Self::ready(gate, emr, viewer, None).await
+    }
+
+    /// Both upstreams over HTTPS, as the regional viewer always is, with certificates
+    /// for 127.0.0.1 from a private CA made now and named in `upstream_ca`.
+    pub async fn start_tls_with(f: impl FnOnce(Setup) -> Setup) -> Self {
+        let ca = TestCa::new("clinic upstream test CA");
+        let dir = tempfile::tempdir().unwrap();
+        let ca_path = ca.write(dir.path(), "upstream-ca.pem");
+        let emr = FakeEmr::start_on(Some(ca.server(&[LOOPBACK]))).await;
+        let viewer = FakeViewer::start_on(Some(ca.server(&[LOOPBACK]))).await;
+        let mut setup = Setup::new(emr.addr, viewer.addr)
+            .emr(&format!("upstream_ca = {ca_path:?}"))
+            .ehr(&format!("upstream_ca = {ca_path:?}"));
+        setup.emr_upstream = format!("https://{}", emr.addr);
+        setup.ehr_upstream = format!("https://{}", viewer.addr);
+        let gate = Gate::start(f(setup)).await;
+        Self::ready(gate, emr, viewer, Some(dir)).await
+    }
+
+    /// Gives the viewer ehrgate's published keys, as a real viewer fetches them.
+    async fn ready(
+        gate: Gate,
+        emr: FakeEmr,
+        viewer: FakeViewer,
+        upstream_ca: Option<tempfile::TempDir>,
+    ) -> Self {
         let jwks = gate
             .client()
             .get(EHR, "/.well-known/ehrgate/jwks.json")
             .await
             .json();
         *viewer.state.jwks.lock().unwrap() = Some(jwks);
-        Self { gate, emr, viewer }
+        Self {
+            gate,
+            emr,
+            viewer,
+            _upstream_ca: upstream_ca,
+        }
     }
 
     /// A browser logged in to the EMR as `provider`.

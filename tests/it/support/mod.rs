@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod clinic;
+pub mod pki;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -220,6 +221,8 @@ pub struct Child {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub files: Files,
+    /// What it logged on standard error so far (also passed on to the test's own).
+    logs: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Child {
@@ -236,8 +239,9 @@ impl Child {
             .arg("run")
             .arg("--config")
             .arg(&config_path)
+            .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("ehrgate binary starts");
@@ -255,11 +259,43 @@ impl Child {
             .unwrap_or_else(|_| panic!("address in {line:?}"));
         let admin = words[8].trim_end_matches(')').parse().unwrap();
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut errors = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let kept = logs.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = errors.next_line().await {
+                eprintln!("[ehrgate] {line}");
+                kept.lock().unwrap().push(line);
+            }
+        });
         Self {
             child,
             addr,
             admin,
             files,
+            logs,
+        }
+    }
+
+    /// Waits until a logged line contains every fragment; returns it.
+    pub async fn logged(&self, fragments: &[&str]) -> String {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(line) = self
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| fragments.iter().all(|f| l.contains(f)))
+            {
+                return line.clone();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no log line with {fragments:?}: {:?}",
+                self.logs.lock().unwrap()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
 

@@ -31,6 +31,18 @@ where
     addr
 }
 
+/// Starts an upstream serving `handler` over HTTPS with `tls` on a loopback port.
+pub async fn spawn_tls<F, Fut>(tls: Arc<rustls::ServerConfig>, handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    ehrgate::demo::spawn_https(listener, tls, handler);
+    addr
+}
+
 /// An echo upstream named `name`; counts the requests it received.
 pub struct Echo {
     pub addr: SocketAddr,
@@ -42,6 +54,18 @@ impl Echo {
         let hits = Arc::new(AtomicUsize::new(0));
         let counter = hits.clone();
         let addr = spawn(move |req| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            echo(name, req)
+        })
+        .await;
+        Self { addr, hits }
+    }
+
+    /// The same over HTTPS with `tls`.
+    pub async fn start_tls(name: &'static str, tls: Arc<rustls::ServerConfig>) -> Self {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        let addr = spawn_tls(tls, move |req| {
             counter.fetch_add(1, Ordering::SeqCst);
             echo(name, req)
         })
