@@ -42,6 +42,14 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl ServerConfig {
+    /// The HTTP/1.1 buffer size on both sides: the stream buffer, or the header limit
+    /// when that is larger (a header block must fit in the read buffer).
+    pub fn h1_buffer_bytes(&self) -> usize {
+        self.stream_buffer_bytes.max(self.max_header_bytes)
+    }
+}
+
 /// Upper bounds of the counted limits: beyond them a value is a typing error, not a plan,
 /// and some would exhaust the process (threads, memory) before serving anything.
 pub const MAX_CONNECTIONS: usize = 1_000_000;
@@ -90,6 +98,11 @@ pub struct ServerConfig {
     pub workers: usize,
     /// Largest request body ehrgate reads itself (observed forms such as the override).
     pub max_form_bytes: usize,
+    /// Most body bytes ehrgate holds for one stream at each hop: the HTTP/1.1 read and
+    /// write buffers on both sides (never less than `max_header_bytes`), the HTTP/2 send
+    /// buffer and receive window. Memory per in-flight stream is bounded by a small
+    /// multiple of it, however fast or slow the two sides are.
+    pub stream_buffer_bytes: usize,
     pub upstream_connect_timeout: ConfigDuration,
     /// Time allowed for an upstream's response header after the request was sent.
     pub upstream_response_timeout: ConfigDuration,
@@ -113,6 +126,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             workers: 0,
             max_form_bytes: 64 * 1024,
+            stream_buffer_bytes: 64 * 1024,
             upstream_connect_timeout: ConfigDuration::secs(5),
             upstream_response_timeout: ConfigDuration::secs(60),
             upstream_idle_timeout: ConfigDuration::secs(90),
@@ -515,6 +529,14 @@ impl Config {
             if n > most {
                 return Err(ConfigError::new(key, format!("must be at most {most}")));
             }
+        }
+        // HTTP/2 needs a window of at least one frame (16 KiB); beyond 16 MiB it is no
+        // longer a bound worth having.
+        if !(16 * 1024..=16 * 1024 * 1024).contains(&s.stream_buffer_bytes) {
+            return Err(ConfigError::new(
+                "server.stream_buffer_bytes",
+                "must be between 16384 and 16777216",
+            ));
         }
         if s.workers > MAX_WORKERS {
             return Err(ConfigError::new(

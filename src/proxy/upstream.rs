@@ -143,6 +143,7 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(server.upstream_idle_timeout.get())
             .pool_max_idle_per_host(POOL_MAX_IDLE)
+            .http1_max_buf_size(server.h1_buffer_bytes())
             .build(connector);
         Ok(Self {
             scheme: if parsed.https {

@@ -33,6 +33,10 @@ pub struct ConnLimits {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
+    /// HTTP/1.1 read and write buffer limit.
+    pub h1_buffer_bytes: usize,
+    /// HTTP/2 send buffer and receive window per stream.
+    pub stream_buffer_bytes: usize,
 }
 
 impl From<&ServerConfig> for ConnLimits {
@@ -42,6 +46,8 @@ impl From<&ServerConfig> for ConnLimits {
             header_read_timeout: s.header_read_timeout.get(),
             idle_timeout: s.idle_timeout.get(),
             max_header_bytes: s.max_header_bytes,
+            h1_buffer_bytes: s.h1_buffer_bytes(),
+            stream_buffer_bytes: s.stream_buffer_bytes,
         }
     }
 }
@@ -220,10 +226,17 @@ pub async fn serve(
     let io = TokioIo::new(tls);
     if h2 {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        // Flow control sized by configuration, never grown by measured bandwidth: what a
+        // stream may make ehrgate hold is the same on a fast network as on a slow one.
+        let window = limits.stream_buffer_bytes as u32;
         builder
             .timer(TokioTimer::new())
             .max_header_list_size(limits.max_header_bytes as u32)
-            .max_concurrent_streams(256);
+            .max_concurrent_streams(256)
+            .adaptive_window(false)
+            .initial_stream_window_size(window)
+            .initial_connection_window_size(window.saturating_mul(16))
+            .max_send_buf_size(limits.stream_buffer_bytes);
         drive(
             builder.serve_connection(io, svc),
             &activity,
@@ -237,6 +250,7 @@ pub async fn serve(
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
             .max_header_size(limits.max_header_bytes)
+            .max_buf_size(limits.h1_buffer_bytes)
             .keep_alive(true);
         drive(
             builder.serve_connection(io, svc).with_upgrades(),

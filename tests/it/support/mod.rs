@@ -279,7 +279,7 @@ impl Child {
 
     /// Waits until a logged line contains every fragment; returns it.
     pub async fn logged(&self, fragments: &[&str]) -> String {
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
             if let Some(line) = self
                 .logs
