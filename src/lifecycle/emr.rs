@@ -22,12 +22,21 @@ impl Gateway {
     ) -> Result<Response<Body>, Problem> {
         let cfg = &self.config.emr;
         let key = cookies::get(req.headers(), &cfg.session_cookie).map(TokenHash::of);
-        if let Some(key) = &key {
-            if cfg.logout_paths.iter().any(|p| p == req.uri().path()) {
-                // Before the EMR even answers: the viewer is closed whatever it says.
+        if cfg.logout_paths.iter().any(|p| ctx.path == *p) {
+            // Before the EMR even answers: the viewer is closed whatever it says. Tomcat
+            // also takes the session from `;jsessionid=` in the path (browsers that refuse
+            // cookies), and logs that one out too.
+            let in_path = ctx
+                .path
+                .param(&cfg.session_cookie)
+                .map(TokenHash::of)
+                .filter(|k| Some(k) != key.as_ref());
+            for key in key.iter().chain(in_path.iter()) {
                 self.sign_out_emr(key, EndReason::EmrLogoutPath, Some(ctx.id()))
                     .await;
-            } else if let Some(emr) = self.store.emr(key) {
+            }
+        } else if let Some(key) = &key {
+            if let Some(emr) = self.store.emr(key) {
                 let now = self.store.now();
                 if decide::emr_idle(&emr, now, self.limits.emr_idle) {
                     self.sign_out_emr(key, EndReason::EmrIdle, Some(ctx.id()))

@@ -76,7 +76,7 @@ impl Gateway {
         conn: &ConnInfo,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Problem> {
-        let path = req.uri().path();
+        let path = ctx.path.as_str();
         let method = req.method();
         let known = |m: &Method| {
             if method == m || (*m == Method::GET && method == Method::HEAD) {

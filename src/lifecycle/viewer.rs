@@ -69,7 +69,7 @@ impl Gateway {
         };
         let path = req.uri().path().to_owned();
         let observe_override =
-            req.method() == Method::POST && path == self.config.ehr.override_path;
+            req.method() == Method::POST && ctx.path == self.config.ehr.override_path;
         let vault = self.config.ehr.cookie_mode == CookieMode::Vault;
         let mut req = req;
         if vault {

@@ -9,6 +9,7 @@
 
 pub mod cookies;
 pub mod headers;
+pub mod path;
 pub mod route;
 pub mod upgrade;
 pub mod upstream;
@@ -94,6 +95,34 @@ pub struct Gateway {
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
+/// Configured paths are compared with requests' canonical paths, so they must be written
+/// in canonical form themselves (a path that is not could never match).
+fn check_canonical_paths(config: &Config) -> Result<(), ConfigError> {
+    let (emr, ehr) = (&config.emr, &config.ehr);
+    let mut paths: Vec<(String, &str)> = vec![
+        ("emr.launch_path".into(), &emr.launch_path),
+        ("ehr.launch_path".into(), &ehr.launch_path),
+        ("ehr.logout_path".into(), &ehr.logout_path),
+        ("ehr.override_path".into(), &ehr.override_path),
+    ];
+    for (i, p) in emr.logout_paths.iter().enumerate() {
+        paths.push((format!("emr.logout_paths[{i}]"), p));
+    }
+    for (key, p) in paths {
+        match path::canonical(p) {
+            Ok(c) if c == *p => {}
+            Ok(c) => {
+                return Err(ConfigError::new(
+                    key,
+                    format!("{p:?} is not in canonical form; write {:?}", c.as_str()),
+                ))
+            }
+            Err(e) => return Err(ConfigError::new(key, format!("{p:?}: {}", e.describe()))),
+        }
+    }
+    Ok(())
+}
+
 /// Per-request context carried through the phases.
 pub struct Ctx {
     /// The request id, as sent upstream and to the client (cheap to clone).
@@ -103,6 +132,9 @@ pub struct Ctx {
     pub json: bool,
     /// The host the client named, port included.
     pub host: String,
+    /// The request's path in canonical form (DESIGN §2), which every configured path is
+    /// compared with. The request is forwarded with the path as sent.
+    pub path: path::CanonicalPath,
 }
 
 /// A request on its way upstream, after the request filter.
@@ -125,6 +157,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, ConfigError> {
+        check_canonical_paths(&config)?;
         let s = &config.server;
         let emr = Upstream::new(
             Origin::Emr,
@@ -188,6 +221,7 @@ impl Gateway {
             started: Instant::now(),
             json: crate::problem::wants_json(req.headers()),
             host: String::new(),
+            path: path::CanonicalPath::default(),
         };
         // The path only: query strings can carry patient details.
         let span = tracing::info_span!(
@@ -205,9 +239,15 @@ impl Gateway {
                 Ok(origin) => {
                     tracing::Span::current().record("origin", origin.as_str());
                     ctx.host = host.unwrap_or_default().to_owned();
-                    let resp = match self.serve(&ctx, origin, &conn, req).await {
-                        Ok(resp) => resp,
-                        Err(problem) => self.fail(&ctx, problem),
+                    let resp = match path::canonical(req.uri().path()) {
+                        Err(e) => self.fail(&ctx, Problem::bad_request(e.describe())),
+                        Ok(canonical) => {
+                            ctx.path = canonical;
+                            match self.serve(&ctx, origin, &conn, req).await {
+                                Ok(resp) => resp,
+                                Err(problem) => self.fail(&ctx, problem),
+                            }
+                        }
                     };
                     (origin.into(), resp)
                 }
@@ -252,12 +292,13 @@ impl Gateway {
         conn: &ConnInfo,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Problem> {
-        let path = req.uri().path();
-        if route::is_own_path(path) {
+        if route::is_own_path(&ctx.path) {
             return self.own_endpoint(ctx, origin, conn, req).await;
         }
         match origin {
-            Origin::Emr if path == self.config.emr.launch_path => self.launch(ctx, conn, req).await,
+            Origin::Emr if ctx.path == self.config.emr.launch_path => {
+                self.launch(ctx, conn, req).await
+            }
             Origin::Emr => self.emr_traffic(ctx, conn, req).await,
             Origin::Ehr => self.viewer_traffic(ctx, conn, req).await,
         }

@@ -5,6 +5,7 @@ use http::header::HOST;
 use http::{HeaderMap, StatusCode, Uri};
 
 use crate::problem::Problem;
+use crate::proxy::path::CanonicalPath;
 
 /// The two origins ehrgate serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,60 +107,12 @@ fn misdirected(detail: &'static str) -> Problem {
 pub const OWN_PREFIX: &str = "/.ehrgate/";
 pub const WELL_KNOWN_PREFIX: &str = "/.well-known/ehrgate/";
 
-/// Whether a path is ehrgate's own. Percent-encoded and dot-segment spellings count too,
-/// since an upstream would decode them to the same place.
-pub fn is_own_path(path: &str) -> bool {
-    let plain = |p: &str| {
-        p.starts_with(OWN_PREFIX)
-            || p == "/.ehrgate"
-            || p.starts_with(WELL_KNOWN_PREFIX)
-            || p == "/.well-known/ehrgate"
-    };
-    if plain(path) {
-        return true;
-    }
-    let suspicious =
-        path.contains('%') || path.contains("/.") || path.contains("//") || path.contains('\\');
-    if !suspicious {
-        return false;
-    }
-    plain(&normalise_path(path))
-}
-
-/// Percent-decodes and removes dot segments and empty segments, for the check above only.
-fn normalise_path(path: &str) -> String {
-    let bytes = path.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                decoded.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        decoded.push(bytes[i]);
-        i += 1;
-    }
-    let decoded = String::from_utf8_lossy(&decoded);
-    let mut out: Vec<&str> = Vec::new();
-    for seg in decoded.split(['/', '\\']) {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                out.pop();
-            }
-            s => out.push(s),
-        }
-    }
-    let mut p = String::from("/");
-    p.push_str(&out.join("/"));
-    if decoded.ends_with('/') && !out.is_empty() {
-        p.push('/');
-    }
-    p
+/// Whether a path is ehrgate's own. The path is canonical, so every spelling an upstream
+/// would read as one of these (`/%2eehrgate/…`, `/x/../.ehrgate/…`, `/.ehrgate;x/…`)
+/// counts.
+pub fn is_own_path(path: &CanonicalPath) -> bool {
+    path.is_under(OWN_PREFIX.trim_end_matches('/'))
+        || path.is_under(WELL_KNOWN_PREFIX.trim_end_matches('/'))
 }
 
 #[cfg(test)]
@@ -218,6 +171,10 @@ mod tests {
         assert_eq!(host_port("emr.x"), None);
     }
 
+    fn own(p: &str) -> bool {
+        is_own_path(&crate::proxy::path::canonical(p).unwrap())
+    }
+
     #[test]
     fn own_paths_in_every_spelling() {
         for p in [
@@ -229,10 +186,14 @@ mod tests {
             "//.ehrgate/x",
             "/oscar/../.ehrgate/x",
             "/./.well-known/ehrgate/jwks.json",
-            "/.well-known%2Fehrgate%2Fjwks.json",
+            "/.ehrgate;x/status",
+            "/.well-known;x/ehrgate/jwks.json",
+            "/.ehrgate/",
         ] {
-            assert!(is_own_path(p), "{p}");
+            assert!(own(p), "{p}");
         }
+        // Not canonicalisable at all: refused before any routing.
+        assert!(crate::proxy::path::canonical("/.well-known%2Fehrgate%2Fjwks.json").is_err());
         for p in [
             "/",
             "/oscar/index.jsp",
@@ -241,7 +202,7 @@ mod tests {
             "/a%20b",
             "/x/.hidden",
         ] {
-            assert!(!is_own_path(p), "{p}");
+            assert!(!own(p), "{p}");
         }
     }
 }

@@ -121,6 +121,20 @@ fn values_that_could_not_run_are_refused_at_load() {
             &["server.max_form_bytes", "at most"],
         ),
         (
+            "[emr]\n",
+            "[emr]\nlogout_paths = [\"/oscar//logout.jsp\"]\n",
+            &[
+                "emr.logout_paths[0]",
+                "not in canonical form",
+                "/oscar/logout.jsp",
+            ],
+        ),
+        (
+            "[ehr]\n",
+            "[ehr]\noverride_path = \"/a%2Fb\"\n",
+            &["ehr.override_path", "encoded slash"],
+        ),
+        (
             "filter = \"warn\"",
             "filter = \"ehrgate=loudest\"",
             &["log.filter", "not a log filter"],

@@ -7,5 +7,6 @@ mod browser;
 mod config;
 mod errors;
 mod flows;
+mod hardening;
 mod lifecycle;
 mod proxy;

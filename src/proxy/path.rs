@@ -1,0 +1,258 @@
+//! Canonical request paths (DESIGN §2): the one form in which every configured path
+//! (launch, logout, override, ehrgate's own) is compared, mirroring how the upstream
+//! servers (Tomcat, Spring, nginx) read a path, so that no other spelling of a path can
+//! reach them unobserved. The request is still forwarded as the client sent it.
+//!
+//! The rule: `;` path parameters removed from every segment (`;jsessionid=…`), percent
+//! escapes of unreserved characters decoded (others kept, upper-cased), empty segments
+//! (`//`) and `.` dropped, `..` resolved, and a trailing `/` dropped. Refused with 400: an
+//! encoded `/` (`%2F`), a `\` (plain or encoded), NUL or another control character,
+//! malformed percent-encoding, and a path that climbs above the root.
+
+use std::fmt;
+
+/// A request path in canonical form, with the path parameters it carried.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CanonicalPath {
+    path: String,
+    /// `name=value` parameters from every segment, in order (`;jsessionid=ABC`).
+    params: Vec<(String, String)>,
+}
+
+impl CanonicalPath {
+    pub fn as_str(&self) -> &str {
+        &self.path
+    }
+
+    /// The value of the first path parameter called `name` (ASCII case-insensitive).
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether this path is `prefix` or lies under it (`prefix` itself canonical).
+    pub fn is_under(&self, prefix: &str) -> bool {
+        self.path == prefix
+            || (self.path.starts_with(prefix)
+                && self.path.as_bytes().get(prefix.len()) == Some(&b'/'))
+    }
+}
+
+impl PartialEq<str> for CanonicalPath {
+    fn eq(&self, other: &str) -> bool {
+        self.path == other
+    }
+}
+
+impl PartialEq<String> for CanonicalPath {
+    fn eq(&self, other: &String) -> bool {
+        &self.path == other
+    }
+}
+
+impl fmt::Display for CanonicalPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.path)
+    }
+}
+
+/// Why a path cannot be put in canonical form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathError {
+    EncodedSlash,
+    Backslash,
+    Control,
+    BadEscape,
+    AboveRoot,
+}
+
+impl PathError {
+    pub fn describe(self) -> &'static str {
+        match self {
+            PathError::EncodedSlash => "The path contains an encoded slash (%2F).",
+            PathError::Backslash => "The path contains a backslash.",
+            PathError::Control => "The path contains a NUL or control character.",
+            PathError::BadEscape => "The path contains a malformed percent-escape.",
+            PathError::AboveRoot => "The path climbs above the root with '..'.",
+        }
+    }
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Decodes the escapes of unreserved characters in one segment, keeping the others
+/// (upper-cased), and refuses what no upstream should see.
+fn decode_segment(seg: &str, out: &mut String) -> Result<(), PathError> {
+    let b = seg.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let (Some(hi), Some(lo)) = (
+                    b.get(i + 1).copied().and_then(hex),
+                    b.get(i + 2).copied().and_then(hex),
+                ) else {
+                    return Err(PathError::BadEscape);
+                };
+                let byte = hi << 4 | lo;
+                match byte {
+                    b'/' => return Err(PathError::EncodedSlash),
+                    b'\\' => return Err(PathError::Backslash),
+                    0..=0x1f | 0x7f => return Err(PathError::Control),
+                    c if unreserved(c) => out.push(c as char),
+                    c => {
+                        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                        out.push('%');
+                        out.push(HEX[(c >> 4) as usize] as char);
+                        out.push(HEX[(c & 0xf) as usize] as char);
+                    }
+                }
+                i += 3;
+            }
+            b'\\' => return Err(PathError::Backslash),
+            0..=0x1f | 0x7f => return Err(PathError::Control),
+            _ => {
+                // A whole UTF-8 sequence or one ASCII byte, as sent.
+                let len = seg[i..].chars().next().map_or(1, char::len_utf8);
+                out.push_str(&seg[i..i + len]);
+                i += len;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Puts a request path (without its query) in canonical form.
+pub fn canonical(raw: &str) -> Result<CanonicalPath, PathError> {
+    // `OPTIONS *` and other non-path targets match no configured path.
+    if !raw.starts_with('/') {
+        decode_segment(raw, &mut String::new())?;
+        return Ok(CanonicalPath {
+            path: raw.to_owned(),
+            params: Vec::new(),
+        });
+    }
+    let mut segments: Vec<String> = Vec::new();
+    let mut params = Vec::new();
+    for seg in raw[1..].split('/') {
+        let mut parts = seg.split(';');
+        let name = parts.next().unwrap_or_default();
+        for p in parts.filter(|p| !p.is_empty()) {
+            let (n, v) = p.split_once('=').unwrap_or((p, ""));
+            params.push((n.to_owned(), v.to_owned()));
+        }
+        let mut decoded = String::with_capacity(name.len());
+        decode_segment(name, &mut decoded)?;
+        match decoded.as_str() {
+            "" | "." => {}
+            ".." => {
+                if segments.pop().is_none() {
+                    return Err(PathError::AboveRoot);
+                }
+            }
+            _ => segments.push(decoded),
+        }
+    }
+    let mut path = String::with_capacity(raw.len());
+    for s in &segments {
+        path.push('/');
+        path.push_str(s);
+    }
+    if path.is_empty() {
+        path.push('/');
+    }
+    Ok(CanonicalPath { path, params })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(p: &str) -> String {
+        canonical(p).unwrap().path
+    }
+
+    #[test]
+    fn spellings_of_one_path_meet() {
+        for p in [
+            "/oscar/logout.jsp",
+            "/oscar/logout.jsp;jsessionid=ABC123",
+            "/oscar//logout.jsp",
+            "/oscar/./logout.jsp",
+            "/oscar/%6Cogout.jsp",
+            "/oscar/%6cogout.jsp",
+            "/oscar;x=1/logout.jsp",
+            "/x/../oscar/logout.jsp",
+            "/x/..;/oscar/logout.jsp",
+            "/oscar/logout.jsp/",
+            "/%6F%73%63%61%72/logout.jsp",
+            "//oscar/logout.jsp;",
+        ] {
+            assert_eq!(c(p), "/oscar/logout.jsp", "{p}");
+        }
+        assert_eq!(c("/%2eehrgate/status"), "/.ehrgate/status");
+        assert_eq!(c("/.ehrgate;x/status"), "/.ehrgate/status");
+        assert_eq!(c("/"), "/");
+        assert_eq!(c("//"), "/");
+        assert_eq!(c("/a/.."), "/");
+    }
+
+    #[test]
+    fn reserved_escapes_stay_escaped_and_case_counts() {
+        assert_eq!(c("/a%20b"), "/a%20b");
+        assert_eq!(c("/a%e9"), "/a%E9");
+        assert_eq!(c("/a%3bb"), "/a%3Bb");
+        assert_eq!(c("/a%252F"), "/a%252F");
+        assert_eq!(c("/Oscar/Logout.jsp"), "/Oscar/Logout.jsp");
+        assert_eq!(c("/caf\u{e9}"), "/caf\u{e9}");
+    }
+
+    #[test]
+    fn path_parameters_are_kept_aside() {
+        let p = canonical("/oscar/logout.jsp;jsessionid=ABC;x").unwrap();
+        assert_eq!(p.param("JSESSIONID"), Some("ABC"));
+        assert_eq!(p.param("x"), Some(""));
+        assert_eq!(p.param("y"), None);
+    }
+
+    #[test]
+    fn what_no_upstream_should_see_is_refused() {
+        for (p, e) in [
+            ("/a%2Fb", PathError::EncodedSlash),
+            ("/a%2fb", PathError::EncodedSlash),
+            ("/a\\b", PathError::Backslash),
+            ("/a%5Cb", PathError::Backslash),
+            ("/a%00b", PathError::Control),
+            ("/a%0Ab", PathError::Control),
+            ("/a%7f", PathError::Control),
+            ("/a%zz", PathError::BadEscape),
+            ("/a%2", PathError::BadEscape),
+            ("/..", PathError::AboveRoot),
+            ("/a/../..", PathError::AboveRoot),
+            ("/..;x/a", PathError::AboveRoot),
+        ] {
+            assert_eq!(canonical(p), Err(e), "{p}");
+        }
+    }
+
+    #[test]
+    fn prefixes_match_whole_segments() {
+        let p = canonical("/.ehrgate/status").unwrap();
+        assert!(p.is_under("/.ehrgate"));
+        assert!(!canonical("/.ehrgatex").unwrap().is_under("/.ehrgate"));
+        assert!(canonical("/.ehrgate/").unwrap().is_under("/.ehrgate"));
+    }
+}
