@@ -17,6 +17,9 @@ pub enum Body {
     Empty,
     Full(Option<Bytes>),
     Incoming(Incoming),
+    /// A client's request body on its way upstream: its trailers are dropped (DESIGN
+    /// §8), so no trailer field can carry a header ehrgate vouches for.
+    Request(Incoming),
     Stream(UnsyncBoxBody<Bytes, BoxError>),
 }
 
@@ -43,6 +46,13 @@ impl Body {
     }
 }
 
+impl Body {
+    /// A client's request body, forwarded without its trailers.
+    pub fn from_client(b: Incoming) -> Self {
+        Body::Request(b)
+    }
+}
+
 impl From<Incoming> for Body {
     fn from(b: Incoming) -> Self {
         Body::Incoming(b)
@@ -61,6 +71,12 @@ impl http_body::Body for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Body::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Body::Request(b) => loop {
+                match Pin::new(&mut *b).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => continue,
+                    other => return other.map_err(Into::into),
+                }
+            },
             Body::Stream(b) => Pin::new(b).poll_frame(cx),
         }
     }
@@ -69,7 +85,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(data) => data.is_none(),
-            Body::Incoming(b) => b.is_end_stream(),
+            Body::Incoming(b) | Body::Request(b) => b.is_end_stream(),
             Body::Stream(b) => b.is_end_stream(),
         }
     }
@@ -78,7 +94,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-            Body::Incoming(b) => b.size_hint(),
+            Body::Incoming(b) | Body::Request(b) => b.size_hint(),
             Body::Stream(b) => b.size_hint(),
         }
     }

@@ -84,7 +84,7 @@ impl Gateway {
                 ),
             ));
         }
-        if let Some(why) = decide::cross_site(req.headers(), &cfg.emr.host) {
+        if let Some(why) = decide::same_origin_refusal(req.headers(), &cfg.emr.host) {
             return Err(denied(
                 format!("cross-site request ({why})"),
                 Problem::new(

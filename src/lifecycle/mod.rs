@@ -114,7 +114,15 @@ impl Gateway {
                 self.disconnect(ctx, &req).await
             }
             (Origin::Ehr, "/.ehrgate/enter") => {
-                known(&Method::GET)?;
+                // Only GET redeems: a HEAD would spend the ticket on a response nobody sees.
+                if method != Method::GET {
+                    return Err(Problem::new(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "method_not_allowed",
+                        "Method not allowed",
+                        format!("{path} answers GET only."),
+                    ));
+                }
                 self.enter(ctx, conn, req).await
             }
             (Origin::Ehr, SESSION_SCRIPT_PATH) => {

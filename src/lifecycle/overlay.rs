@@ -46,7 +46,9 @@ impl Gateway {
         ctx: &Ctx,
         req: &Request<Incoming>,
     ) -> Result<Response<Body>, Problem> {
-        if let Some(why) = same_origin_refusal(req.headers(), &self.config.emr.host) {
+        if let Some(why) =
+            crate::session::decide::same_origin_refusal(req.headers(), &self.config.emr.host)
+        {
             self.audit_best_effort(
                 &Record::new(Event::Deny, "refused")
                     .request_id(ctx.id())
@@ -76,15 +78,4 @@ impl Gateway {
         }
         Ok(json_response(StatusCode::OK, &self.status_json(None)))
     }
-}
-
-/// Disconnect is same-origin only: any `Sec-Fetch-Site` but `same-origin`, or an
-/// `Origin`/`Referer` not on the EMR host, refuses it.
-fn same_origin_refusal(headers: &HeaderMap, emr_host: &str) -> Option<&'static str> {
-    if let Some(site) = headers.get("sec-fetch-site") {
-        if site.as_bytes() != b"same-origin" {
-            return Some("Sec-Fetch-Site is not same-origin");
-        }
-    }
-    crate::session::decide::cross_site(headers, emr_host)
 }

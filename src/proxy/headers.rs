@@ -67,12 +67,21 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == header::TRANSFER_ENCODING
         || name == header::UPGRADE
         || name == header::PROXY_AUTHORIZATION
+        // DESIGN §8: trailers are dropped before forwarding, so is their announcement.
+        || name == header::TRAILER
         || matches!(name.as_str(), "keep-alive" | "proxy-connection")
 }
 
-/// Whether a request asks for an HTTP/1.1 protocol upgrade (WebSocket and the like).
+/// Whether a request asks for an HTTP/1.1 upgrade to WebSocket, the only protocol
+/// ehrgate relays (DESIGN §8): any other `Upgrade` (`h2c`, ...) is stripped as
+/// hop-by-hop and the request forwarded as an ordinary one.
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+    let mut upgrades = headers.get_all(header::UPGRADE).iter();
+    let websocket = match (upgrades.next(), upgrades.next()) {
+        (Some(v), None) => v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"),
+        _ => false,
+    };
+    websocket
         && headers
             .get_all(header::CONNECTION)
             .iter()

@@ -335,7 +335,7 @@ impl Gateway {
         parts.version = Version::HTTP_11;
         Outbound {
             parts,
-            body: Body::from(body),
+            body: Body::from_client(body),
             client_upgrade,
         }
     }

@@ -183,26 +183,30 @@ pub fn redeem(
     }
 }
 
-/// DESIGN §8: launch, disconnect and admin actions refuse cross-site requests
-/// (`Sec-Fetch-Site: cross-site`, or an `Origin`/`Referer` that is not the EMR host).
-/// Returns what gave the request away.
-pub fn cross_site(headers: &HeaderMap, emr_host: &str) -> Option<&'static str> {
-    if headers
-        .get("sec-fetch-site")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"))
-    {
-        return Some("Sec-Fetch-Site: cross-site");
+/// DESIGN §8: launch and Disconnect accept only same-origin requests. With
+/// `Sec-Fetch-Site` present it must be `same-origin` (or `none`: an address typed or
+/// opened from a bookmark); `same-site` is refused, since the viewer host is a sibling
+/// site. Without it, an `Origin` or `Referer` on the EMR host is required. An `Origin` or
+/// `Referer` naming another host is refused in every case. Returns what gave the request
+/// away.
+pub fn same_origin_refusal(headers: &HeaderMap, emr_host: &str) -> Option<&'static str> {
+    let site = headers.get("sec-fetch-site").map(|v| v.as_bytes());
+    if let Some(site) = site {
+        if !site.eq_ignore_ascii_case(b"same-origin") && !site.eq_ignore_ascii_case(b"none") {
+            return Some("Sec-Fetch-Site is neither same-origin nor none");
+        }
     }
     let foreign = |value: &str| url_host(value).is_none_or(|h| !h.eq_ignore_ascii_case(emr_host));
-    if let Some(origin) = headers.get(ORIGIN) {
-        if origin.to_str().map_or(true, foreign) {
-            return Some("Origin is not the EMR");
-        }
+    let origin = headers.get(ORIGIN);
+    let referer = headers.get(REFERER);
+    if origin.is_some_and(|o| o.to_str().map_or(true, foreign)) {
+        return Some("Origin is not the EMR");
     }
-    if let Some(referer) = headers.get(REFERER) {
-        if referer.to_str().map_or(true, foreign) {
-            return Some("Referer is not the EMR");
-        }
+    if referer.is_some_and(|r| r.to_str().map_or(true, foreign)) {
+        return Some("Referer is not the EMR");
+    }
+    if site.is_none() && origin.is_none() && referer.is_none() {
+        return Some("no Sec-Fetch-Site, Origin or Referer");
     }
     None
 }
@@ -380,7 +384,17 @@ pub(crate) mod tests {
             m
         };
         let emr = "emr.clinic.example";
-        assert_eq!(cross_site(&h(&[]), emr), None);
+        let cross_site = same_origin_refusal;
+        assert!(cross_site(&h(&[]), emr).is_some(), "no evidence at all");
+        assert!(cross_site(&h(&[("sec-fetch-site", "same-site")]), emr).is_some());
+        assert!(cross_site(
+            &h(&[
+                ("sec-fetch-site", "same-origin"),
+                ("origin", "https://ehr.clinic.example")
+            ]),
+            emr
+        )
+        .is_some());
         assert_eq!(
             cross_site(&h(&[("sec-fetch-site", "same-origin")]), emr),
             None

@@ -145,3 +145,110 @@ async fn paths_no_upstream_should_see_are_refused() {
         0
     );
 }
+
+#[tokio::test]
+async fn head_on_enter_spends_no_ticket() {
+    let clinic = Clinic::start().await;
+    let browser = clinic.browser(DOCTOR);
+    let launch = browser.launch("1001", None).await;
+    let location = launch.header("location").unwrap().to_string();
+    let path = &location[location.find("/.ehrgate/").unwrap()..];
+    let req = browser
+        .request(EHR, "HEAD", path)
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(browser.send(EHR, req).await.status, 405);
+    assert!(
+        clinic.viewer.launches().is_empty(),
+        "nothing signed, nothing sent"
+    );
+    assert_eq!(
+        browser.enter(&launch).await.status,
+        302,
+        "the ticket still works"
+    );
+}
+
+#[tokio::test]
+async fn request_trailers_never_reach_the_upstream() {
+    let clinic = Clinic::start().await;
+    let answer = clinic
+        .gate
+        .client()
+        .raw(
+            EMR,
+            b"POST /oscar/form HTTP/1.1\r\nHost: emr.localhost\r\n\
+              Transfer-Encoding: chunked\r\nTrailer: X-EHR-Context, X-Forwarded-For\r\n\r\n\
+              5\r\nhello\r\n0\r\nX-EHR-Context: forged\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n",
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body: serde_json::Value =
+        serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(body["body"], "hello");
+    assert_eq!(body["trailers"], serde_json::json!({}), "{body}");
+    assert!(body["headers"].get("trailer").is_none(), "{body}");
+    assert!(body["headers"].get("x-ehr-context").is_none(), "{body}");
+    assert_ne!(body["headers"]["x-forwarded-for"][0], "6.6.6.6");
+}
+
+#[tokio::test]
+async fn only_same_origin_requests_launch() {
+    let clinic = Clinic::start().await;
+    let browser = clinic.browser(DOCTOR);
+    let path = "/oscar/clinicalConnectEHRViewer.do?demographicNo=1001";
+    let launch = |headers: &'static [(&'static str, &'static str)]| {
+        let mut req = browser.request(EMR, "GET", path);
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        let req = req.body(Body::empty()).unwrap();
+        let browser = &browser;
+        async move { browser.send(EMR, req).await.status }
+    };
+    // A page on the viewer host is a sibling site.
+    assert_eq!(launch(&[("sec-fetch-site", "same-site")]).await, 403);
+    // No fetch metadata and nothing that names the EMR page.
+    assert_eq!(launch(&[]).await, 403);
+    assert_eq!(
+        launch(&[
+            ("sec-fetch-site", "same-origin"),
+            ("origin", "https://ehr.localhost")
+        ])
+        .await,
+        403
+    );
+    // Older browsers: a Referer on the EMR host is enough; a typed address too.
+    assert_eq!(
+        launch(&[(
+            "referer",
+            "https://emr.localhost/oscar/demographic/chart.jsp"
+        )])
+        .await,
+        303
+    );
+    assert_eq!(launch(&[("sec-fetch-site", "none")]).await, 303);
+    let denies = clinic.audit_events("deny");
+    assert_eq!(denies.len(), 3, "{denies:?}");
+}
+
+#[tokio::test]
+async fn only_websocket_upgrades_are_relayed() {
+    let clinic = Clinic::start().await;
+    let answer = clinic
+        .gate
+        .client()
+        .raw(
+            EMR,
+            b"GET /oscar/index.jsp HTTP/1.1\r\nHost: emr.localhost\r\n\
+              Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\
+              HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body: serde_json::Value =
+        serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+    for name in ["upgrade", "connection", "http2-settings"] {
+        assert!(body["headers"].get(name).is_none(), "{name}: {body}");
+    }
+}

@@ -195,6 +195,49 @@ impl H2 {
     }
 }
 
+impl TestClient {
+    /// Writes `request` as raw bytes on a new HTTP/1.1 TLS connection to `host` and reads
+    /// until the server closes it or `SOON` passes; returns what came back, as text.
+    pub async fn raw(&self, host: &str, request: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tls = self.tls(host, &[b"http/1.1"]).await;
+        tls.write_all(request).await.unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 16 * 1024];
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match tokio::time::timeout_at(deadline, tls.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => {
+                    answer.extend_from_slice(&buf[..n]);
+                    // One complete answer is enough when the server keeps the connection.
+                    if complete_answer(&answer) {
+                        break;
+                    }
+                }
+                Err(_) => panic!("no complete answer to a raw request: {answer:?}"),
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+}
+
+/// Whether `bytes` hold a whole HTTP/1.1 response with a Content-Length body.
+fn complete_answer(bytes: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(bytes);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    head.lines()
+        .find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())
+                .flatten()
+        })
+        .is_some_and(|len| body.len() >= len)
+}
+
 /// A plain-HTTP GET (the admin listener): (status, body).
 pub async fn plain_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let tcp = TcpStream::connect(addr).await.expect("admin connect");

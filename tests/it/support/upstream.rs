@@ -112,11 +112,20 @@ pub async fn echo(name: &'static str, mut req: Request<Incoming>) -> Response<Bo
     let mut body = req.into_body();
     let mut len = 0u64;
     let mut head = Vec::new();
+    let mut trailers = serde_json::Map::new();
     while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.expect("request body").into_data() {
-            len += data.len() as u64;
-            if head.len() < 4096 {
-                head.extend_from_slice(&data[..data.len().min(4096 - head.len())]);
+        match frame.expect("request body").into_data() {
+            Ok(data) => {
+                len += data.len() as u64;
+                if head.len() < 4096 {
+                    head.extend_from_slice(&data[..data.len().min(4096 - head.len())]);
+                }
+            }
+            Err(frame) => {
+                for (name, value) in frame.into_trailers().into_iter().flatten() {
+                    let key = name.map_or_else(String::new, |n| n.to_string());
+                    trailers.insert(key, String::from_utf8_lossy(value.as_bytes()).into());
+                }
             }
         }
     }
@@ -129,6 +138,7 @@ pub async fn echo(name: &'static str, mut req: Request<Incoming>) -> Response<Bo
         "headers": headers,
         "body_len": len,
         "body": String::from_utf8_lossy(&head),
+        "trailers": trailers,
     });
     let mut resp = Response::new(Body::full(v.to_string()));
     resp.headers_mut()
