@@ -48,8 +48,11 @@ fn bench(c: &mut Criterion) {
             )
         })
     });
-    c.bench_function("route/is_own_path", |b| {
-        b.iter(|| route::is_own_path(black_box("/cc/patient/chart/labs.html")))
+    c.bench_function("path/canonical_and_is_own_path", |b| {
+        b.iter(|| {
+            let p = ehrgate::proxy::path::canonical(black_box("/cc/patient/chart/labs.html"));
+            p.is_ok_and(|p| route::is_own_path(&p))
+        })
     });
 
     let mut trusted = TrustedHeaders::new();
