@@ -143,6 +143,8 @@ fn tickets(c: &mut Criterion) {
                         patient: p.clone(),
                         mrp: true,
                         expires: 60_000,
+                        binding: None,
+                        confirmed: false,
                     },
                 )
                 .unwrap();

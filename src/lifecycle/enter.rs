@@ -14,11 +14,11 @@ use crate::body::Body;
 use crate::config::CookieMode;
 use crate::context::{new_jti, Claims, PatientClaims};
 use crate::problem::Problem;
-use crate::proxy::cookies::{self, EHR_COOKIE};
-use crate::proxy::route::Origin;
+use crate::proxy::cookies::{self, BIND_COOKIE, EHR_COOKIE, EMR_MARKER_COOKIE};
+use crate::proxy::route::{self, Origin};
 use crate::proxy::{ConnInfo, Ctx, Gateway};
-use crate::session::decide::{self, EndReason, RedeemError};
-use crate::session::{EhrSession, OpenedPatient, Token, TokenHash};
+use crate::session::decide::{self, EndReason, EnterStep, RedeemError};
+use crate::session::{EhrSession, LaunchTicket, OpenedPatient, Token, TokenHash};
 
 impl Gateway {
     pub(crate) async fn enter(
@@ -28,38 +28,68 @@ impl Gateway {
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Problem> {
         let query = req.uri().query().unwrap_or("");
-        let ticket =
-            form::value(query, "ticket").and_then(|t| self.store.take_ticket(&TokenHash::of(&t)));
+        let Some(ticket_value) = form::value(query, "ticket") else {
+            return Err(self.refuse_ticket(ctx, None, RedeemError::UnknownOrUsed, "enter"));
+        };
+        let hash = TokenHash::of(&ticket_value);
+        let ticket = self.store.peek_ticket(&hash);
         let now = self.store.now();
         let emr_live = ticket
             .as_ref()
             .is_some_and(|t| self.store.emr(&t.emr).is_some());
-        if let Err(e) = decide::redeem(ticket.as_ref(), now, emr_live) {
-            let detail = match e {
-                RedeemError::UnknownOrUsed => "enter: unknown or used ticket",
-                RedeemError::Expired => "enter: expired ticket",
-                RedeemError::EmrSessionEnded => "enter: EMR session ended",
-            };
-            let mut record = Record::new(Event::Deny, "refused")
-                .request_id(ctx.id())
-                .detail(detail);
-            if let Some(t) = &ticket {
-                record = record.user(&t.user).uao(&t.authority.id).patient(
-                    &t.patient.demographic_no,
-                    self.audit.hcn_hmac(&t.patient.hcn),
+        let bound_cookie = cookies::get(req.headers(), BIND_COOKIE).map(str::to_owned);
+        let binding = bound_cookie.as_deref().map(TokenHash::of);
+        let step = decide::enter_step(ticket.as_ref(), now, emr_live, binding.as_ref())
+            .map_err(|e| self.refuse_ticket(ctx, ticket.as_ref(), e, "enter"))?;
+        let t = match step {
+            EnterStep::Bind => {
+                // The browser's binding cookie, reused for every launch it makes.
+                let value = match bound_cookie {
+                    Some(v) => v,
+                    None => Token::generate()
+                        .map_err(|_| rng_failed())?
+                        .as_str()
+                        .to_owned(),
+                };
+                let mine = TokenHash::of(&value);
+                let bound = self.store.bind_ticket(&hash, mine);
+                if !bound
+                    .as_ref()
+                    .and_then(|t| t.binding.as_ref())
+                    .is_some_and(|b| b.ct_eq(&mine))
+                {
+                    // Another browser came first, or the ticket went meanwhile.
+                    let e = if bound.is_some() {
+                        RedeemError::OtherBrowser
+                    } else {
+                        RedeemError::UnknownOrUsed
+                    };
+                    return Err(self.refuse_ticket(ctx, bound.as_ref(), e, "enter"));
+                }
+                let mut resp = self.to_confirm(ctx, &ticket_value);
+                resp.headers_mut().append(
+                    SET_COOKIE,
+                    cookies::set_for(BIND_COOKIE, &value, self.config.session.ticket_ttl.get()),
                 );
+                return Ok(resp);
             }
-            self.audit_best_effort(&record);
-            info!(detail, "enter refused");
-            return Err(Problem::new(
-                StatusCode::GONE,
-                "ticket_invalid",
-                "This EHR link has expired",
-                "EHR links work once, for a short time, and only while the EMR session that made them lasts.",
-            )
-            .hint("Relaunch from the EMR: open the patient's chart and press EHR."));
-        }
-        let t = ticket.expect("redeemed");
+            EnterStep::Confirm => return Ok(self.to_confirm(ctx, &ticket_value)),
+            EnterStep::Redeem => {
+                let mine = binding.unwrap_or(hash);
+                match self.store.take_confirmed_ticket(&hash, &mine) {
+                    Some(t) => t,
+                    // Redeemed by a concurrent request of the same browser.
+                    None => {
+                        return Err(self.refuse_ticket(
+                            ctx,
+                            None,
+                            RedeemError::UnknownOrUsed,
+                            "enter",
+                        ))
+                    }
+                }
+            }
+        };
         let hcn_hmac = self.audit.hcn_hmac(&t.patient.hcn);
 
         // The record comes before anything is granted.
@@ -72,14 +102,7 @@ impl Gateway {
                 .detail(if t.mrp { "mrp" } else { "not_mrp" }),
         )?;
 
-        let token = Token::generate().map_err(|_| {
-            Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "rng_unavailable",
-                "Service unavailable",
-                "ehrgate could not make a secure random value.",
-            )
-        })?;
+        let token = Token::generate().map_err(|_| rng_failed())?;
         // A fresh session id at every enter; the viewer's cookies (and so its login) stay.
         let session = match self.store.ehr_of_emr(&t.emr) {
             Some(s) if s.authority.id == t.authority.id => {
@@ -174,4 +197,123 @@ impl Gateway {
         info!(mrp = t.mrp, "EHR session entered");
         Ok(resp)
     }
+
+    /// `GET emr.host/.ehrgate/confirm?ticket=T`: the middle of the binding round trip.
+    /// The browser's EMR marker must name the ticket's EMR session; then the ticket is
+    /// confirmed and the browser sent back to enter, where only its binding redeems it.
+    pub(crate) async fn confirm(
+        &self,
+        ctx: &Ctx,
+        req: &Request<Incoming>,
+    ) -> Result<Response<Body>, Problem> {
+        let query = req.uri().query().unwrap_or("");
+        let Some(ticket_value) = form::value(query, "ticket") else {
+            return Err(self.refuse_ticket(ctx, None, RedeemError::UnknownOrUsed, "confirm"));
+        };
+        let hash = TokenHash::of(&ticket_value);
+        let ticket = self.store.peek_ticket(&hash);
+        let now = self.store.now();
+        let emr_live = ticket
+            .as_ref()
+            .is_some_and(|t| self.store.emr(&t.emr).is_some());
+        let marker_emr = cookies::get_all(req.headers(), EMR_MARKER_COOKIE)
+            .find_map(|m| self.store.emr_by_marker(&TokenHash::of(m)))
+            .map(|emr| emr.key);
+        decide::confirm(ticket.as_ref(), now, emr_live, marker_emr.as_ref())
+            .map_err(|e| self.refuse_ticket(ctx, ticket.as_ref(), e, "confirm"))?;
+        self.store.confirm_ticket(&hash);
+        let location = format!(
+            "https://{}{}/.ehrgate/enter?ticket={ticket_value}",
+            self.config.ehr.host,
+            port_suffix(&ctx.host)
+        );
+        Ok(redirect(&location))
+    }
+
+    /// The redirect from enter to the EMR host's confirm.
+    fn to_confirm(&self, ctx: &Ctx, ticket_value: &str) -> Response<Body> {
+        let location = format!(
+            "https://{}{}/.ehrgate/confirm?ticket={ticket_value}",
+            self.config.emr.host,
+            port_suffix(&ctx.host)
+        );
+        redirect(&location)
+    }
+
+    /// A refused ticket: 410 when it is unknown, used, expired or its EMR session ended
+    /// ("relaunch from the EMR"); 403 when another browser holds it. Audited as `deny`.
+    fn refuse_ticket(
+        &self,
+        ctx: &Ctx,
+        ticket: Option<&LaunchTicket>,
+        e: RedeemError,
+        step: &str,
+    ) -> Problem {
+        let why = match e {
+            RedeemError::UnknownOrUsed => "unknown or used ticket",
+            RedeemError::Expired => "expired ticket",
+            RedeemError::EmrSessionEnded => "EMR session ended",
+            RedeemError::OtherBrowser => "ticket launched by another browser",
+        };
+        let detail = format!("{step}: {why}");
+        let mut record = Record::new(Event::Deny, "refused")
+            .request_id(ctx.id())
+            .detail(detail.clone());
+        if let Some(t) = ticket {
+            record = record.user(&t.user).uao(&t.authority.id).patient(
+                &t.patient.demographic_no,
+                self.audit.hcn_hmac(&t.patient.hcn),
+            );
+        }
+        self.audit_best_effort(&record);
+        info!(detail = %detail, "ticket refused");
+        if e == RedeemError::OtherBrowser {
+            return Problem::new(
+                StatusCode::FORBIDDEN,
+                "ticket_other_browser",
+                "This EHR link belongs to another browser",
+                "An EHR link opens the viewer only in the browser whose EMR session made it.",
+            )
+            .hint("Relaunch from the EMR: open the patient's chart and press EHR.");
+        }
+        Problem::new(
+            StatusCode::GONE,
+            "ticket_invalid",
+            "This EHR link has expired",
+            "EHR links work once, for a short time, and only while the EMR session that made them lasts.",
+        )
+        .hint("Relaunch from the EMR: open the patient's chart and press EHR.")
+    }
+}
+
+/// `:port` when the browser's Host named one, so the demo and tests on high ports work.
+fn port_suffix(host: &str) -> String {
+    route::host_port(host)
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default()
+}
+
+/// A 303 that no cache keeps and that sends no Referer (the URL carries a ticket).
+fn redirect(location: &str) -> Response<Body> {
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SEE_OTHER;
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(location) {
+        h.insert(http::header::LOCATION, v);
+    }
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        http::header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    resp
+}
+
+fn rng_failed() -> Problem {
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "rng_unavailable",
+        "Service unavailable",
+        "ehrgate could not make a secure random value.",
+    )
 }

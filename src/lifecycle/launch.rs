@@ -219,6 +219,8 @@ impl Gateway {
                     patient,
                     mrp,
                     expires: now + self.limits.ticket_ttl,
+                    binding: None,
+                    confirmed: false,
                 },
             )
             .map_err(|_| denied("ticket store full", store_full()))?;

@@ -109,6 +109,17 @@ impl Gateway {
                 known(&Method::GET)?;
                 Ok(self.status(&req))
             }
+            (Origin::Emr, "/.ehrgate/confirm") => {
+                if method != Method::GET {
+                    return Err(Problem::new(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "method_not_allowed",
+                        "Method not allowed",
+                        format!("{path} answers GET only."),
+                    ));
+                }
+                self.confirm(ctx, &req).await
+            }
             (Origin::Emr, "/.ehrgate/disconnect") => {
                 known(&Method::POST)?;
                 self.disconnect(ctx, &req).await

@@ -8,6 +8,10 @@ pub const EHR_COOKIE: &str = "__Host-ehrgate";
 /// The cookie on the EMR host that names the EMR session to `/.ehrgate/` endpoints.
 pub const EMR_MARKER_COOKIE: &str = "__Host-ehrgate-emr";
 
+/// The short-lived cookie on the EHR host that binds launch tickets to the browser that
+/// first brought them to enter (DESIGN §6).
+pub const BIND_COOKIE: &str = "__Host-ehrgate-bind";
+
 /// Every ehrgate cookie starts so; none is ever forwarded upstream.
 const OWN_PREFIX: &str = "__Host-ehrgate";
 
@@ -78,6 +82,15 @@ pub fn set(name: &str, value: &str) -> HeaderValue {
         "{name}={value}; Path=/; Secure; HttpOnly; SameSite=Lax"
     ))
     .expect("token values are base64url")
+}
+
+/// `Set-Cookie` for one of ehrgate's `__Host-` cookies that lives `max_age`.
+pub fn set_for(name: &str, value: &str, max_age: std::time::Duration) -> HeaderValue {
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path=/; Max-Age={}; Secure; HttpOnly; SameSite=Lax",
+        max_age.as_secs().max(1)
+    ))
+    .unwrap_or_else(|_| set(name, value))
 }
 
 /// `Set-Cookie` that expires a cookie in the browser.

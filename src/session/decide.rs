@@ -5,7 +5,7 @@
 use http::header::{ORIGIN, REFERER};
 use http::HeaderMap;
 
-use super::{EhrSession, EmrSession, LaunchTicket, Millis};
+use super::{EhrSession, EmrSession, LaunchTicket, Millis, TokenHash};
 use crate::config::Authority;
 
 /// Why a session ended: the `detail` of its audit records.
@@ -165,6 +165,59 @@ pub enum RedeemError {
     UnknownOrUsed,
     Expired,
     EmrSessionEnded,
+    /// Another browser than the one that launched it (DESIGN §6).
+    OtherBrowser,
+}
+
+/// What enter does with a ticket: a ticket is redeemed only by the browser that launched
+/// it (DESIGN §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnterStep {
+    /// First visit: bind the ticket to this browser, then have the EMR host confirm that
+    /// the browser's EMR session is the ticket's.
+    Bind,
+    /// Bound to this browser, not yet confirmed: to the EMR host again.
+    Confirm,
+    /// Bound to this browser and confirmed: redeem it.
+    Redeem,
+}
+
+/// The step enter takes for `ticket`, visited by a browser holding `binding` (the hash of
+/// its binding cookie, if any).
+pub fn enter_step(
+    ticket: Option<&LaunchTicket>,
+    now: Millis,
+    emr_live: bool,
+    binding: Option<&TokenHash>,
+) -> Result<EnterStep, RedeemError> {
+    redeem(ticket, now, emr_live)?;
+    let t = ticket.ok_or(RedeemError::UnknownOrUsed)?;
+    match (&t.binding, binding) {
+        (None, _) => Ok(EnterStep::Bind),
+        (Some(bound), Some(mine)) if bound.ct_eq(mine) => Ok(if t.confirmed {
+            EnterStep::Redeem
+        } else {
+            EnterStep::Confirm
+        }),
+        _ => Err(RedeemError::OtherBrowser),
+    }
+}
+
+/// May the EMR host confirm `ticket` for a browser whose EMR marker names `marker_emr`?
+/// Only a ticket already bound at enter, and only for the ticket's own EMR session.
+pub fn confirm(
+    ticket: Option<&LaunchTicket>,
+    now: Millis,
+    emr_live: bool,
+    marker_emr: Option<&TokenHash>,
+) -> Result<(), RedeemError> {
+    redeem(ticket, now, emr_live)?;
+    let t = ticket.ok_or(RedeemError::UnknownOrUsed)?;
+    if t.binding.is_some() && marker_emr.is_some_and(|m| m.ct_eq(&t.emr)) {
+        Ok(())
+    } else {
+        Err(RedeemError::OtherBrowser)
+    }
 }
 
 /// May this ticket be redeemed now?
@@ -242,7 +295,8 @@ pub fn set_cookie_expires(set_cookie: &str, name: &str, now_unix: i64) -> bool {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::session::{PatientContext, TokenHash};
+    use crate::session::PatientContext;
+    use std::sync::Arc;
 
     pub(crate) fn patient() -> PatientContext {
         PatientContext {
@@ -364,6 +418,8 @@ pub(crate) mod tests {
             patient: patient(),
             mrp: true,
             expires: 100,
+            binding: None,
+            confirmed: false,
         };
         assert_eq!(redeem(Some(&t), 50, true), Ok(()));
         assert_eq!(redeem(Some(&t), 100, true), Err(RedeemError::Expired));
@@ -450,5 +506,76 @@ pub(crate) mod tests {
         ));
         assert!(!set_cookie_expires("OTHER=; Max-Age=0", "JSESSIONID", now));
         assert!(!set_cookie_expires("garbage", "JSESSIONID", now));
+    }
+
+    #[test]
+    fn a_ticket_is_bound_confirmed_then_redeemed_by_one_browser() {
+        let emr = TokenHash::of("emr");
+        let mine = TokenHash::of("my binding");
+        let theirs = TokenHash::of("their binding");
+        let mut t = LaunchTicket {
+            emr,
+            user: "u".into(),
+            authority: Arc::new(auth("a", true)),
+            patient: patient(),
+            mrp: true,
+            expires: 100,
+            binding: None,
+            confirmed: false,
+        };
+        assert_eq!(enter_step(Some(&t), 50, true, None), Ok(EnterStep::Bind));
+        assert_eq!(
+            enter_step(Some(&t), 50, true, Some(&theirs)),
+            Ok(EnterStep::Bind)
+        );
+        // Confirm before any enter: refused.
+        assert_eq!(
+            confirm(Some(&t), 50, true, Some(&emr)),
+            Err(RedeemError::OtherBrowser)
+        );
+        t.binding = Some(mine);
+        assert_eq!(
+            enter_step(Some(&t), 50, true, Some(&mine)),
+            Ok(EnterStep::Confirm)
+        );
+        for other in [None, Some(&theirs)] {
+            assert_eq!(
+                enter_step(Some(&t), 50, true, other),
+                Err(RedeemError::OtherBrowser)
+            );
+        }
+        // Only the ticket's own EMR session confirms.
+        let stranger = TokenHash::of("another emr session");
+        assert_eq!(
+            confirm(Some(&t), 50, true, Some(&stranger)),
+            Err(RedeemError::OtherBrowser)
+        );
+        assert_eq!(
+            confirm(Some(&t), 50, true, None),
+            Err(RedeemError::OtherBrowser)
+        );
+        assert_eq!(confirm(Some(&t), 50, true, Some(&emr)), Ok(()));
+        t.confirmed = true;
+        assert_eq!(
+            enter_step(Some(&t), 50, true, Some(&mine)),
+            Ok(EnterStep::Redeem)
+        );
+        assert_eq!(
+            enter_step(Some(&t), 50, true, Some(&theirs)),
+            Err(RedeemError::OtherBrowser)
+        );
+        // Time and the EMR session still rule.
+        assert_eq!(
+            enter_step(Some(&t), 100, true, Some(&mine)),
+            Err(RedeemError::Expired)
+        );
+        assert_eq!(
+            enter_step(Some(&t), 50, false, Some(&mine)),
+            Err(RedeemError::EmrSessionEnded)
+        );
+        assert_eq!(
+            confirm(None, 50, true, Some(&emr)),
+            Err(RedeemError::UnknownOrUsed)
+        );
     }
 }

@@ -223,7 +223,8 @@ impl EhrSession {
     }
 }
 
-/// A single-use launch ticket, bound to its EMR session, patient and authority.
+/// A single-use launch ticket, bound to its EMR session, patient and authority, and on
+/// its first visit to enter to one browser (DESIGN §6).
 #[derive(Debug, Clone)]
 pub struct LaunchTicket {
     pub emr: TokenHash,
@@ -232,4 +233,8 @@ pub struct LaunchTicket {
     pub patient: PatientContext,
     pub mrp: bool,
     pub expires: Millis,
+    /// Hash of the binding cookie of the browser that first visited enter with it.
+    pub binding: Option<TokenHash>,
+    /// Set when that browser's EMR marker was found to name the ticket's EMR session.
+    pub confirmed: bool,
 }

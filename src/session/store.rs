@@ -53,6 +53,16 @@ pub trait SessionStore: Send + Sync + 'static {
     fn put_ticket(&self, hash: TokenHash, ticket: LaunchTicket) -> Result<(), StoreFull>;
     /// Takes a ticket out (single use), whatever its age; the caller checks expiry.
     fn take_ticket(&self, hash: &TokenHash) -> Option<LaunchTicket>;
+    /// A copy of a ticket, left in place.
+    fn peek_ticket(&self, hash: &TokenHash) -> Option<LaunchTicket>;
+    /// Binds an unbound ticket to a browser's binding; returns the ticket as it now is
+    /// (bound to `binding`, or to the browser that was first).
+    fn bind_ticket(&self, hash: &TokenHash, binding: TokenHash) -> Option<LaunchTicket>;
+    /// Marks a ticket confirmed by its EMR session's browser.
+    fn confirm_ticket(&self, hash: &TokenHash) -> bool;
+    /// Takes a ticket out only if it is confirmed and bound to `binding` (atomic: two
+    /// redemptions at once, exactly one wins).
+    fn take_confirmed_ticket(&self, hash: &TokenHash, binding: &TokenHash) -> Option<LaunchTicket>;
     /// Drops tickets expired by `now`; returns how many.
     fn drop_expired_tickets(&self, now: Millis) -> usize;
 
@@ -205,6 +215,33 @@ impl SessionStore for MemoryStore {
         self.tickets.remove(hash).map(|(_, t)| t)
     }
 
+    fn peek_ticket(&self, hash: &TokenHash) -> Option<LaunchTicket> {
+        self.tickets.get(hash).map(|t| t.clone())
+    }
+
+    fn bind_ticket(&self, hash: &TokenHash, binding: TokenHash) -> Option<LaunchTicket> {
+        let mut t = self.tickets.get_mut(hash)?;
+        if t.binding.is_none() {
+            t.binding = Some(binding);
+        }
+        Some(t.clone())
+    }
+
+    fn confirm_ticket(&self, hash: &TokenHash) -> bool {
+        self.tickets
+            .get_mut(hash)
+            .map(|mut t| t.confirmed = true)
+            .is_some()
+    }
+
+    fn take_confirmed_ticket(&self, hash: &TokenHash, binding: &TokenHash) -> Option<LaunchTicket> {
+        self.tickets
+            .remove_if(hash, |_, t| {
+                t.confirmed && t.binding.as_ref().is_some_and(|b| b.ct_eq(binding))
+            })
+            .map(|(_, t)| t)
+    }
+
     fn drop_expired_tickets(&self, now: Millis) -> usize {
         let before = self.tickets.len();
         self.tickets.retain(|_, t| t.expires > now);
@@ -342,6 +379,8 @@ mod tests {
             patient: crate::session::decide::tests::patient(),
             mrp: true,
             expires: 100,
+            binding: None,
+            confirmed: false,
         };
         store.put_ticket(t, ticket).unwrap();
         assert!(store.take_ticket(&t).is_some());

@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::client::{plain_request, H1};
-use crate::support::clinic::{Browser, Clinic, DOCTOR};
+use crate::support::clinic::{path_of, Browser, Clinic, DOCTOR};
 use crate::support::{EHR, EMR};
 
 /// Only turns a hang into a failure: generous, so a loaded machine never trips it.
@@ -348,6 +348,11 @@ async fn forged_context_headers_never_reach_the_viewer() {
         .1
         .to_string();
     let ticket_path = &ticket_path[ticket_path.find('/').unwrap()..];
+    // The binding round trip first; then the redeeming enter carries forged copies.
+    let first = browser.viewer_get(ticket_path).await;
+    assert_eq!(first.status, 303);
+    let confirmed = browser.get(EMR, path_of(&first)).await;
+    assert_eq!(confirmed.status, 303, "{}", confirmed.text());
     // A forged assertion on the enter request itself is replaced by ehrgate's.
     let req = browser
         .request(EHR, "GET", ticket_path)

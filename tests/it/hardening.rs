@@ -4,7 +4,7 @@
 
 use ehrgate::body::Body;
 
-use crate::support::clinic::{Browser, Clinic, DOCTOR};
+use crate::support::clinic::{path_of, Browser, Clinic, DOCTOR, OTHER_DOCTOR};
 use crate::support::{EHR, EMR};
 
 /// A browser with a live viewer session.
@@ -251,4 +251,95 @@ async fn only_websocket_upgrades_are_relayed() {
     for name in ["upgrade", "connection", "http2-settings"] {
         assert!(body["headers"].get(name).is_none(), "{name}: {body}");
     }
+}
+
+/// The enter URL of a launch, as the path to request on the viewer host.
+fn enter_path(launch: &crate::support::client::Resp) -> String {
+    path_of(launch).to_string()
+}
+
+#[tokio::test]
+async fn a_ticket_sent_to_another_browser_opens_nothing() {
+    let clinic = Clinic::start().await;
+    let b = clinic.browser(DOCTOR);
+    // A colleague logged in to the EMR on another browser, with an EHR marker of her own.
+    let a = clinic.browser(OTHER_DOCTOR);
+    assert_eq!(a.open_chart("1001", None).await.status, 200);
+    let launches_before = clinic.viewer.launches().len();
+
+    // B launches and sends the link to A before opening it.
+    let launch = b.launch("1002", None).await;
+    let first = a.viewer_get(&enter_path(&launch)).await;
+    assert_eq!(first.status, 303, "the first visit binds, whoever makes it");
+    let confirm = a.get(EMR, path_of(&first)).await;
+    assert_eq!(confirm.status, 403, "{}", confirm.text());
+    assert!(confirm.text().contains("Relaunch from the EMR"));
+    // Nor does coming back to enter help: it sends A to confirm again, which refuses.
+    let again = a.viewer_get(&enter_path(&launch)).await;
+    assert_eq!(again.status, 303);
+    assert_eq!(a.get(EMR, path_of(&again)).await.status, 403);
+    assert_eq!(
+        clinic.viewer.launches().len(),
+        launches_before,
+        "nothing signed for A"
+    );
+    // A's own viewer session is A's, untouched; B's link is spent for B too (relaunch).
+    assert_eq!(b.enter(&launch).await.status, 403);
+    let denies = clinic.audit_events("deny");
+    assert!(
+        denies
+            .iter()
+            .filter(|d| d["detail"].as_str().unwrap().contains("another browser"))
+            .count()
+            >= 3,
+        "{denies:?}"
+    );
+    // B relaunches and gets in.
+    assert_eq!(b.open_chart("1002", None).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_ticket_bound_to_its_browser_refuses_every_other() {
+    let clinic = Clinic::start().await;
+    let b = clinic.browser(DOCTOR);
+    let launch = b.launch("1001", None).await;
+    let first = b.viewer_get(&enter_path(&launch)).await;
+    assert_eq!(first.status, 303);
+
+    // A page navigates another browser to the same ticket: refused at once.
+    for stranger in [
+        Browser::new(clinic.gate.client()),
+        clinic.browser(OTHER_DOCTOR),
+    ] {
+        let r = stranger.viewer_get(&enter_path(&launch)).await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert!(stranger.cookie(EHR, "__Host-ehrgate").is_none());
+        // Going to confirm directly does not help either.
+        assert_eq!(stranger.get(EMR, path_of(&first)).await.status, 403);
+    }
+    // B's own round trip completes.
+    let confirmed = b.get(EMR, path_of(&first)).await;
+    assert_eq!(confirmed.status, 303);
+    let entered = b.viewer_get(path_of(&confirmed)).await;
+    assert_eq!(entered.status, 302, "{}", entered.text());
+    assert_eq!(clinic.viewer.launches().len(), 1);
+    assert_eq!(clinic.viewer.launches()[0].0["sub"], DOCTOR);
+}
+
+#[tokio::test]
+async fn confirm_needs_a_bound_ticket_and_only_get_redeems() {
+    let clinic = Clinic::start().await;
+    let b = clinic.browser(DOCTOR);
+    let launch = b.launch("1001", None).await;
+    let ticket = enter_path(&launch);
+    let confirm_path = ticket.replace("/enter?", "/confirm?");
+    // Straight to confirm, before enter bound the ticket.
+    assert_eq!(b.get(EMR, &confirm_path).await.status, 403);
+    let req = b
+        .request(EMR, "POST", &confirm_path)
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(b.send(EMR, req).await.status, 405);
+    // The ticket is still good for its own browser.
+    assert_eq!(b.enter(&launch).await.status, 302);
 }

@@ -390,13 +390,19 @@ impl Browser {
         self.emr_get(&path).await
     }
 
-    /// Follows a launch's redirect to the viewer host's enter endpoint.
+    /// Follows a launch's redirect to the viewer host's enter endpoint, through the
+    /// binding round trip (enter → EMR host's confirm → enter) as a browser does.
     pub async fn enter(&self, launch: &Resp) -> Resp {
         assert_eq!(launch.status, 303, "launch refused: {}", launch.text());
-        let location = launch.header("location").unwrap();
-        let path = location.split_once(&format!("{EHR}:")).unwrap().1;
-        let path = &path[path.find('/').unwrap()..];
-        self.viewer_get(path).await
+        let first = self.viewer_get(path_of(launch)).await;
+        if first.status != 303 {
+            return first;
+        }
+        let confirmed = self.get(EMR, path_of(&first)).await;
+        if confirmed.status != 303 {
+            return confirmed;
+        }
+        self.viewer_get(path_of(&confirmed)).await
     }
 
     /// EHR button, enter, and the viewer's redirect to the chart.
@@ -416,6 +422,13 @@ impl Browser {
             .unwrap();
         self.send(EHR, req).await
     }
+}
+
+/// The path and query of a redirect's `Location`.
+pub fn path_of(resp: &Resp) -> &str {
+    let location = resp.header("location").expect("a Location");
+    let rest = location.split_once("://").map_or(location, |(_, r)| r);
+    &rest[rest.find('/').unwrap_or(rest.len())..]
 }
 
 /// ehrgate in front of a fake EMR and viewer.
