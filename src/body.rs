@@ -2,6 +2,7 @@
 //! made itself, or any other stream (events, rewritten pages). Streamed bodies are
 //! passed frame by frame and never collected whole.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -21,7 +22,26 @@ pub enum Body {
     /// §8), so no trailer field can carry a header ehrgate vouches for.
     Request(Incoming),
     Stream(UnsyncBoxBody<Bytes, BoxError>),
+    /// A body that ends with an error (a visible cut: connection closed or stream reset,
+    /// never a clean end) the moment `stop` resolves.
+    Until {
+        inner: Box<Body>,
+        stop: Pin<Box<dyn Future<Output = ()> + Send>>,
+        why: &'static str,
+    },
 }
+
+/// The error a body cut by [`Body::until`] ends with.
+#[derive(Debug)]
+pub struct Cut(pub &'static str);
+
+impl std::fmt::Display for Cut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for Cut {}
 
 impl Body {
     pub fn empty() -> Self {
@@ -47,6 +67,15 @@ impl Body {
 }
 
 impl Body {
+    /// `self`, cut with `why` as soon as `stop` resolves.
+    pub fn until(self, stop: Pin<Box<dyn Future<Output = ()> + Send>>, why: &'static str) -> Self {
+        Body::Until {
+            inner: Box::new(self),
+            stop,
+            why,
+        }
+    }
+
     /// A client's request body, forwarded without its trailers.
     pub fn from_client(b: Incoming) -> Self {
         Body::Request(b)
@@ -78,6 +107,12 @@ impl http_body::Body for Body {
                 }
             },
             Body::Stream(b) => Pin::new(b).poll_frame(cx),
+            Body::Until { inner, stop, why } => {
+                if stop.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(Box::new(Cut(why)))));
+                }
+                Pin::new(&mut **inner).poll_frame(cx)
+            }
         }
     }
 
@@ -87,6 +122,7 @@ impl http_body::Body for Body {
             Body::Full(data) => data.is_none(),
             Body::Incoming(b) | Body::Request(b) => b.is_end_stream(),
             Body::Stream(b) => b.is_end_stream(),
+            Body::Until { inner, .. } => inner.is_end_stream(),
         }
     }
 
@@ -96,6 +132,7 @@ impl http_body::Body for Body {
             Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             Body::Incoming(b) | Body::Request(b) => b.size_hint(),
             Body::Stream(b) => b.size_hint(),
+            Body::Until { inner, .. } => inner.size_hint(),
         }
     }
 }

@@ -66,6 +66,10 @@ pub(super) fn script() -> Response<Body> {
     resp
 }
 
+/// Event streams one EHR session may hold open at once (one per viewer tab, and some to
+/// spare); more are refused with 429.
+pub const MAX_STREAMS_PER_SESSION: u32 = 16;
+
 /// The event stream's body: frames sent by its task.
 struct EventBody(mpsc::Receiver<Bytes>);
 
@@ -88,11 +92,23 @@ impl Gateway {
         let Some(session) = session else {
             return Err(self.ehr_session_ended(req.headers()));
         };
+        let Some(slot) = session.open_stream(MAX_STREAMS_PER_SESSION) else {
+            return Err(Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_event_streams",
+                "Too many viewer tabs",
+                format!(
+                    "This EHR session already has {MAX_STREAMS_PER_SESSION} open event streams."
+                ),
+            )
+            .hint("Close some viewer tabs; the others keep working."));
+        };
         let mut closed = session.close_signal();
         drop(session);
         let mut shutdown = self.shutdown.clone();
         let (tx, rx) = mpsc::channel::<Bytes>(4);
         tokio::spawn(async move {
+            let _slot = slot;
             if tx
                 .send(Bytes::from_static(b"retry: 3000\n: connected\n\n"))
                 .await

@@ -9,6 +9,7 @@
 mod emr;
 mod enter;
 mod events;
+pub use events::MAX_STREAMS_PER_SESSION;
 pub(crate) mod form;
 mod inject;
 mod launch;

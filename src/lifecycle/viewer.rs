@@ -25,6 +25,9 @@ use crate::proxy::{ConnInfo, Ctx, Gateway};
 use crate::session::decide::{self, EndReason};
 use crate::session::{EhrSession, TokenHash};
 
+/// Why a viewer response was cut.
+const SIGNED_OUT: &str = "the EHR session ended while the viewer's response was streaming";
+
 impl Gateway {
     /// The live EHR session the request's `__Host-ehrgate` names, after enforcing its
     /// limits and its EMR session's; `None` means the request must be refused.
@@ -211,10 +214,12 @@ impl Gateway {
 
     /// The response filter for the viewer: its cookies into the jar (vault mode keeps
     /// them from the browser), and the session script into its pages.
+    /// The body is cut the moment the session ends: nothing of the viewer flows after a
+    /// sign-out, a report download or a long poll no more than a WebSocket.
     pub(crate) fn viewer_response(
         &self,
         resp: Response<Incoming>,
-        session: &EhrSession,
+        session: &Arc<EhrSession>,
         inject: bool,
     ) -> Response<Body> {
         let (mut parts, body) = resp.into_parts();
@@ -244,8 +249,12 @@ impl Gateway {
             // The page differs from what the viewer sent: its validators no longer apply.
             parts.headers.remove(http::header::ETAG);
             debug!("adding the session script to a viewer page");
-            return Response::from_parts(parts, inject::with_session_script(Body::from(body)));
+            let body = inject::with_session_script(Body::from(body));
+            return Response::from_parts(parts, body.until(session.close_signal(), SIGNED_OUT));
         }
-        Response::from_parts(parts, Body::from(body))
+        Response::from_parts(
+            parts,
+            Body::from(body).until(session.close_signal(), SIGNED_OUT),
+        )
     }
 }

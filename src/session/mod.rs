@@ -139,6 +139,17 @@ pub struct EhrSession {
     /// (A `Notify` and a flag: a tenth of the memory of a `watch` channel.)
     closed: AtomicBool,
     ended: Notify,
+    /// Open event streams (`/.ehrgate/events`), capped per session.
+    streams: std::sync::atomic::AtomicU32,
+}
+
+/// An open event stream of a session; the count drops when it is dropped.
+pub struct StreamSlot(Arc<EhrSession>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl fmt::Debug for EhrSession {
@@ -170,7 +181,18 @@ impl EhrSession {
             patient: Mutex::new(OpenedPatient::default()),
             closed: AtomicBool::new(false),
             ended: Notify::new(),
+            streams: std::sync::atomic::AtomicU32::new(0),
         }
+    }
+
+    /// A slot for one more event stream, unless `max` are open.
+    pub fn open_stream(self: &Arc<Self>, max: u32) -> Option<StreamSlot> {
+        self.streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| StreamSlot(self.clone()))
     }
 
     pub fn id(&self) -> TokenHash {

@@ -2,10 +2,15 @@
 //! canonical form, so a logout, a launch, an override or one of ehrgate's own paths
 //! cannot reach an upstream unobserved by writing it another way.
 
+use std::time::Duration;
+
 use ehrgate::body::Body;
 
 use crate::support::clinic::{path_of, Browser, Clinic, DOCTOR, OTHER_DOCTOR};
 use crate::support::{EHR, EMR};
+
+/// Only turns a hang into a failure.
+const SOON: Duration = Duration::from_secs(60);
 
 /// A browser with a live viewer session.
 async fn connected(clinic: &Clinic) -> Browser {
@@ -342,4 +347,106 @@ async fn confirm_needs_a_bound_ticket_and_only_get_redeems() {
     assert_eq!(b.send(EMR, req).await.status, 405);
     // The ticket is still good for its own browser.
     assert_eq!(b.enter(&launch).await.status, 302);
+}
+
+#[tokio::test]
+async fn a_streamed_viewer_response_is_cut_at_sign_out() {
+    use http_body_util::BodyExt;
+    let clinic = Clinic::start().await;
+    let browser = connected(&clinic).await;
+    let client = clinic.gate.client();
+    // Over HTTP/1.1 and HTTP/2 at once.
+    let mut h1 = client.h1(EHR).await;
+    let mut h2 = client.h2(EHR).await;
+    let req = browser
+        .request(EHR, "GET", "/stream")
+        .body(Body::empty())
+        .unwrap();
+    let one = h1.send(req).await;
+    let (mut parts, body) = browser
+        .request(EHR, "GET", "/stream")
+        .body(Body::empty())
+        .unwrap()
+        .into_parts();
+    parts.uri = format!("https://{EHR}:{}/stream", clinic.gate.addr.port())
+        .parse()
+        .unwrap();
+    parts.headers.remove("host");
+    h2.send.ready().await.unwrap();
+    let two = h2
+        .send
+        .send_request(http::Request::from_parts(parts, body))
+        .await
+        .unwrap();
+    let mut bodies = [one.into_body(), two.into_body()];
+    for b in bodies.iter_mut() {
+        let first = b.frame().await.unwrap().unwrap();
+        assert!(first.into_data().unwrap().starts_with(b"tick"));
+    }
+
+    assert_eq!(browser.emr_get("/oscar/logout.jsp").await.status, 302);
+    for (i, b) in bodies.iter_mut().enumerate() {
+        // What was already on its way may still arrive; then the stream ends visibly.
+        let mut after = 0;
+        let end = loop {
+            match tokio::time::timeout(SOON, b.frame())
+                .await
+                .expect("cut, not left open")
+            {
+                Some(Ok(_)) => after += 1,
+                Some(Err(e)) => break Some(e),
+                None => break None,
+            }
+        };
+        assert!(
+            end.is_some(),
+            "stream {i} ended as if complete after {after} chunks"
+        );
+        assert!(after <= 5, "stream {i}: {after} chunks after the sign-out");
+    }
+}
+
+#[tokio::test]
+async fn event_streams_are_capped_per_session() {
+    let clinic = Clinic::start().await;
+    let browser = connected(&clinic).await;
+    let mut open = Vec::new();
+    let mut h2 = clinic.gate.client().h2(EHR).await;
+    let cookie = format!(
+        "__Host-ehrgate={}",
+        browser.cookie(EHR, "__Host-ehrgate").unwrap()
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..ehrgate::lifecycle::MAX_STREAMS_PER_SESSION + 3 {
+        let req = h2
+            .request(EHR, "/.ehrgate/events")
+            .header("cookie", &cookie)
+            .body(Body::empty())
+            .unwrap();
+        h2.send.ready().await.unwrap();
+        let resp = h2.send.send_request(req).await.unwrap();
+        statuses.push(resp.status().as_u16());
+        open.push(resp);
+    }
+    let max = ehrgate::lifecycle::MAX_STREAMS_PER_SESSION as usize;
+    assert!(statuses[..max].iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(statuses[max..].iter().all(|s| *s == 429), "{statuses:?}");
+    // Closing one frees its place.
+    open.truncate(max - 1);
+    let mut again = 0;
+    for _ in 0..200 {
+        let req = h2
+            .request(EHR, "/.ehrgate/events")
+            .header("cookie", &cookie)
+            .body(Body::empty())
+            .unwrap();
+        h2.send.ready().await.unwrap();
+        let resp = h2.send.send_request(req).await.unwrap();
+        again = resp.status().as_u16();
+        if again == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(again, 200);
 }

@@ -274,6 +274,24 @@ async fn viewer(state: Arc<ViewerState>, req: Request<Incoming>) -> Response<Bod
             .header("content-encoding", "gzip")
             .body(Body::full(&GZ_PAGE[..]))
             .unwrap(),
+        // A report download or a long poll: a line every 20 ms, for at most a minute.
+        "/stream" => {
+            let ticks = futures_util::stream::unfold(0u32, |n| async move {
+                if n >= 3000 {
+                    return None;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                let line = bytes::Bytes::from(format!("tick {n}\n"));
+                Some((
+                    Ok::<_, std::convert::Infallible>(http_body::Frame::data(line)),
+                    n + 1,
+                ))
+            });
+            Response::builder()
+                .header("content-type", "text/plain")
+                .body(Body::stream(http_body_util::StreamBody::new(ticks)))
+                .unwrap()
+        }
         _ => echo("ehr", req).await,
     }
 }
