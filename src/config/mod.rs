@@ -74,6 +74,16 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// File holding the bearer token `POST /admin/*` requires. Empty: admin actions are
+    /// refused unless `server.admin_listen` is a loopback address.
+    pub token_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -110,6 +120,18 @@ pub struct ServerConfig {
     pub upstream_idle_timeout: ConfigDuration,
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
     pub shutdown_grace: ConfigDuration,
+    /// Longest pause between two reads of a client's request body; then 408 (or, once
+    /// forwarding has begun, the exchange ends).
+    pub client_body_timeout: ConfigDuration,
+    /// Longest a client may leave a response unread (no progress); then the exchange ends.
+    pub send_timeout: ConfigDuration,
+    /// Longest pause between two reads of an upstream's response body; then the response
+    /// ends visibly (connection closed or stream reset, never a clean end).
+    pub upstream_body_timeout: ConfigDuration,
+    /// Concurrent HTTP/2 streams (and so upstream requests) one client connection may hold.
+    pub max_streams_per_connection: u32,
+    /// `Strict-Transport-Security` on every response; empty to omit.
+    pub hsts: String,
 }
 
 impl Default for ServerConfig {
@@ -131,6 +153,11 @@ impl Default for ServerConfig {
             upstream_response_timeout: ConfigDuration::secs(60),
             upstream_idle_timeout: ConfigDuration::secs(90),
             shutdown_grace: ConfigDuration::secs(30),
+            client_body_timeout: ConfigDuration::secs(60),
+            send_timeout: ConfigDuration::secs(60),
+            upstream_body_timeout: ConfigDuration::secs(60),
+            max_streams_per_connection: 100,
+            hsts: "max-age=31536000".into(),
         }
     }
 }
@@ -497,6 +524,9 @@ impl Config {
                 s.upstream_response_timeout,
             ),
             ("server.upstream_idle_timeout", s.upstream_idle_timeout),
+            ("server.client_body_timeout", s.client_body_timeout),
+            ("server.send_timeout", s.send_timeout),
+            ("server.upstream_body_timeout", s.upstream_body_timeout),
             ("emr.idle_timeout", self.emr.idle_timeout),
             ("session.idle_timeout", self.session.idle_timeout),
             ("session.max_lifetime", self.session.max_lifetime),
@@ -536,6 +566,18 @@ impl Config {
             return Err(ConfigError::new(
                 "server.stream_buffer_bytes",
                 "must be between 16384 and 16777216",
+            ));
+        }
+        if !(1..=1000).contains(&s.max_streams_per_connection) {
+            return Err(ConfigError::new(
+                "server.max_streams_per_connection",
+                "must be between 1 and 1000",
+            ));
+        }
+        if http::HeaderValue::from_str(&s.hsts).is_err() {
+            return Err(ConfigError::new(
+                "server.hsts",
+                "must be a valid header value, e.g. \"max-age=31536000\", or \"\" to omit",
             ));
         }
         if s.workers > MAX_WORKERS {

@@ -132,7 +132,9 @@ impl Gateway {
         };
 
         let unix = time::OffsetDateTime::now_utc().unix_timestamp();
-        let aud = format!("https://{}", ctx.host);
+        // The viewer's origin as configured (with the port the browser used), never the
+        // client's own spelling of the host.
+        let aud = format!("https://{}{}", self.config.ehr.host, port_suffix(&ctx.host));
         let jti = new_jti().unwrap_or_default();
         let p = &t.patient;
         let claims = Claims {

@@ -101,9 +101,13 @@ impl Gateway {
             return Err(denied("no EMR session cookie", login_first()));
         };
         let emr_key = TokenHash::of(emr_cookie);
-        // The clinician's own EMR cookies, ehrgate's taken out.
-        let user_cookie = cookies::without_own(req.headers())
-            .unwrap_or_else(|| req.headers().get(COOKIE).cloned());
+        // The clinician's own EMR cookies, every Cookie field (HTTP/2 splits them), with
+        // ehrgate's taken out.
+        let user_cookie = cookies::without_own(req.headers()).unwrap_or_else(|| {
+            let mut folded = req.headers().clone();
+            crate::proxy::headers::fold_cookies(&mut folded);
+            folded.get(COOKIE).cloned()
+        });
         let user_cookie = user_cookie.as_ref();
 
         // The EMR itself says whether this session is logged in, and who the user is.

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{
-    HeaderValue, ACCEPT, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, COOKIE,
-    SET_COOKIE,
+    HeaderValue, ACCEPT, ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH,
+    CONTENT_TYPE, COOKIE, SET_COOKIE,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -235,6 +235,13 @@ impl Gateway {
                 parts.headers.remove(SET_COOKIE);
             }
         }
+        if !static_asset(&parts.headers) {
+            // A chart, a result, a report: never kept by the browser, so Back after a
+            // sign-out asks again (and is refused) instead of showing it from cache.
+            parts
+                .headers
+                .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        }
         let html = parts
             .headers
             .get(CONTENT_TYPE)
@@ -257,4 +264,16 @@ impl Gateway {
             Body::from(body).until(session.close_signal(), SIGNED_OUT),
         )
     }
+}
+
+/// Scripts, styles, images and fonts: the viewer's own caching rules stand for them.
+fn static_asset(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let ct = ct.trim_start().to_ascii_lowercase();
+    ct.starts_with("text/css")
+        || ct.contains("javascript")
+        || ct.starts_with("image/")
+        || ct.starts_with("font/")
 }

@@ -91,6 +91,8 @@ pub struct Gateway {
     pub(crate) ehr: Upstream,
     trusted: TrustedHeaders,
     ids: RequestIds,
+    /// `Strict-Transport-Security` for every response (both hosts are HTTPS only).
+    hsts: Option<HeaderValue>,
     /// Turns `true` when the server begins to shut down.
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -185,6 +187,9 @@ impl Gateway {
             ehr,
             trusted,
             ids: RequestIds::new(),
+            hsts: (!config.server.hsts.is_empty())
+                .then(|| HeaderValue::from_str(&config.server.hsts).ok())
+                .flatten(),
             shutdown,
             config,
         })
@@ -252,8 +257,11 @@ impl Gateway {
                     (origin.into(), resp)
                 }
             };
-            resp.headers_mut()
-                .insert(headers::X_REQUEST_ID.clone(), ctx.id_header.clone());
+            let h = resp.headers_mut();
+            h.insert(headers::X_REQUEST_ID.clone(), ctx.id_header.clone());
+            if let Some(hsts) = &self.hsts {
+                h.insert(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+            }
             let status = resp.status().as_u16();
             self.metrics.response(route, status);
             info!(%method, status, ms = ctx.started.elapsed().as_secs_f64() * 1e3, "served");

@@ -37,6 +37,8 @@ pub struct ConnLimits {
     pub h1_buffer_bytes: usize,
     /// HTTP/2 send buffer and receive window per stream.
     pub stream_buffer_bytes: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_streams: u32,
 }
 
 impl From<&ServerConfig> for ConnLimits {
@@ -48,6 +50,7 @@ impl From<&ServerConfig> for ConnLimits {
             max_header_bytes: s.max_header_bytes,
             h1_buffer_bytes: s.h1_buffer_bytes(),
             stream_buffer_bytes: s.stream_buffer_bytes,
+            max_streams: s.max_streams_per_connection,
         }
     }
 }
@@ -232,7 +235,7 @@ pub async fn serve(
         builder
             .timer(TokioTimer::new())
             .max_header_list_size(limits.max_header_bytes as u32)
-            .max_concurrent_streams(256)
+            .max_concurrent_streams(limits.max_streams)
             .adaptive_window(false)
             .initial_stream_window_size(window)
             .initial_connection_window_size(window.saturating_mul(16))

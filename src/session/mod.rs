@@ -60,8 +60,29 @@ pub struct EmrSession {
     pub created: Millis,
     last_seen: AtomicU64,
     ended: AtomicBool,
-    /// Hashes of the `__Host-ehrgate-emr` markers issued for this session.
-    markers: Mutex<Vec<TokenHash>>,
+    /// Hashes of the `__Host-ehrgate-emr` markers issued for this session, and of its
+    /// most recent launch tickets: a few each, bounded.
+    links: Mutex<Links>,
+}
+
+#[derive(Debug, Default)]
+struct Links {
+    markers: Vec<TokenHash>,
+    tickets: Vec<TokenHash>,
+}
+
+/// Markers one EMR session keeps (one per browser it launched from).
+pub const MAX_MARKERS_PER_EMR: usize = 16;
+/// Launch tickets one EMR session may hold at once; a newer one evicts the oldest.
+pub const MAX_TICKETS_PER_EMR: usize = 8;
+
+/// Adds `item` to a bounded list; returns the item it evicted, if any.
+fn push_bounded(list: &mut Vec<TokenHash>, item: TokenHash, max: usize) -> Option<TokenHash> {
+    let evicted = (list.len() >= max).then(|| list.remove(0));
+    // Usually one: no room kept for more.
+    list.reserve_exact(1);
+    list.push(item);
+    evicted
 }
 
 impl EmrSession {
@@ -72,7 +93,7 @@ impl EmrSession {
             created: now,
             last_seen: AtomicU64::new(now),
             ended: AtomicBool::new(false),
-            markers: Mutex::new(Vec::new()),
+            links: Mutex::new(Links::default()),
         }
     }
 
@@ -94,19 +115,22 @@ impl EmrSession {
     }
 
     fn markers(&self) -> Vec<TokenHash> {
-        self.markers.lock().map(|m| m.clone()).unwrap_or_default()
+        self.links
+            .lock()
+            .map(|l| l.markers.clone())
+            .unwrap_or_default()
     }
 
-    fn add_marker(&self, marker: TokenHash) {
-        if let Ok(mut m) = self.markers.lock() {
-            // A handful per session (one per browser); bounded all the same.
-            if m.len() >= 16 {
-                m.remove(0);
-            }
-            // Usually one: no room kept for more.
-            m.reserve_exact(1);
-            m.push(marker);
-        }
+    /// Remembers a marker; returns the one it evicted, which the store must forget too.
+    fn add_marker(&self, marker: TokenHash) -> Option<TokenHash> {
+        let mut l = self.links.lock().ok()?;
+        push_bounded(&mut l.markers, marker, MAX_MARKERS_PER_EMR)
+    }
+
+    /// Remembers a ticket; returns the one it evicted, which the store must drop.
+    fn add_ticket(&self, ticket: TokenHash) -> Option<TokenHash> {
+        let mut l = self.links.lock().ok()?;
+        push_bounded(&mut l.tickets, ticket, MAX_TICKETS_PER_EMR)
     }
 }
 

@@ -140,6 +140,7 @@ impl SessionStore for MemoryStore {
         for m in s.markers() {
             self.markers.remove(&m);
         }
+
         self.by_user.remove_if_mut(&*s.user, |_, keys| {
             keys.remove(key);
             keys.is_empty()
@@ -148,7 +149,9 @@ impl SessionStore for MemoryStore {
     }
 
     fn add_marker(&self, marker: TokenHash, emr: &Arc<EmrSession>) {
-        emr.add_marker(marker);
+        if let Some(evicted) = emr.add_marker(marker) {
+            self.markers.remove(&evicted);
+        }
         self.markers.insert(marker, emr.key);
     }
 
@@ -206,6 +209,12 @@ impl SessionStore for MemoryStore {
     fn put_ticket(&self, hash: TokenHash, ticket: LaunchTicket) -> Result<(), StoreFull> {
         if self.tickets.len() >= self.max_sessions {
             return Err(StoreFull);
+        }
+        // Bounded per EMR session too: its oldest ticket gives way.
+        if let Some(emr) = self.emr(&ticket.emr) {
+            if let Some(evicted) = emr.add_ticket(hash) {
+                self.tickets.remove(&evicted);
+            }
         }
         self.tickets.insert(hash, ticket);
         Ok(())
@@ -321,6 +330,76 @@ mod tests {
         store.remove_emr(&emr.key);
         assert!(store.emr_by_marker(&marker).is_none());
         assert!(store.emr_keys_of_user("999998").is_empty());
+    }
+
+    #[test]
+    fn markers_and_tickets_are_bounded_per_emr_session() {
+        let store = MemoryStore::new(1000);
+        let emr = store
+            .insert_emr(EmrSession::new(TokenHash::of("j"), "999998", 0))
+            .unwrap();
+        let markers: Vec<TokenHash> = (0..crate::session::MAX_MARKERS_PER_EMR + 2)
+            .map(|i| TokenHash::of(&format!("m{i}")))
+            .collect();
+        for m in &markers {
+            store.add_marker(*m, &emr);
+        }
+        // The evicted ones are gone from the store, not only from the session.
+        assert!(store.emr_by_marker(&markers[0]).is_none());
+        assert!(store.emr_by_marker(&markers[1]).is_none());
+        assert!(store.emr_by_marker(&markers[2]).is_some());
+        assert_eq!(store.markers.len(), crate::session::MAX_MARKERS_PER_EMR);
+
+        let tickets: Vec<TokenHash> = (0..crate::session::MAX_TICKETS_PER_EMR + 3)
+            .map(|i| TokenHash::of(&format!("t{i}")))
+            .collect();
+        for t in &tickets {
+            store.put_ticket(*t, ticket(emr.key)).unwrap();
+        }
+        assert_eq!(store.tickets.len(), crate::session::MAX_TICKETS_PER_EMR);
+        assert!(store.peek_ticket(&tickets[2]).is_none());
+        assert!(store.peek_ticket(&tickets[3]).is_some());
+    }
+
+    fn ticket(emr: TokenHash) -> LaunchTicket {
+        LaunchTicket {
+            emr,
+            user: "u".into(),
+            authority: Arc::new(authority()),
+            patient: crate::session::decide::tests::patient(),
+            mrp: true,
+            expires: 100,
+            binding: None,
+            confirmed: false,
+        }
+    }
+
+    #[test]
+    fn a_ticket_is_redeemed_once_by_its_bound_browser_under_concurrency() {
+        let store = Arc::new(MemoryStore::new(10));
+        let t = TokenHash::of("t");
+        let mine = TokenHash::of("binding");
+        store.put_ticket(t, ticket(TokenHash::of("j"))).unwrap();
+        assert_eq!(store.bind_ticket(&t, mine).unwrap().binding, Some(mine));
+        // A second binding does not replace the first.
+        let other = TokenHash::of("other");
+        assert_eq!(store.bind_ticket(&t, other).unwrap().binding, Some(mine));
+        assert!(
+            store.take_confirmed_ticket(&t, &mine).is_none(),
+            "not confirmed"
+        );
+        assert!(store.confirm_ticket(&t));
+        assert!(store.take_confirmed_ticket(&t, &other).is_none());
+        let winners: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let store = store.clone();
+                    s.spawn(move || store.take_confirmed_ticket(&t, &mine).is_some() as usize)
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(winners, 1);
     }
 
     #[test]

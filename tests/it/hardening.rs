@@ -450,3 +450,88 @@ async fn event_streams_are_capped_per_session() {
     }
     assert_eq!(again, 200);
 }
+
+#[tokio::test]
+async fn both_hosts_send_hsts_and_patient_pages_are_never_cached() {
+    let clinic = Clinic::start().await;
+    let browser = connected(&clinic).await;
+    let chart = browser.viewer_get("/chart").await;
+    assert_eq!(chart.status, 200);
+    assert_eq!(chart.header("cache-control"), Some("no-store"));
+    let emr = browser.emr_get("/oscar/provider/providercontrol.jsp").await;
+    for r in [&chart, &emr] {
+        assert_eq!(
+            r.header("strict-transport-security"),
+            Some("max-age=31536000")
+        );
+    }
+    browser.emr_get("/oscar/logout.jsp").await;
+    let refused = browser.viewer_get("/chart").await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.header("cache-control"), Some("no-store"));
+    assert_eq!(
+        refused.header("strict-transport-security"),
+        Some("max-age=31536000")
+    );
+    // An error ehrgate gives before routing to a flow carries it too.
+    let refused_path = clinic.gate.client().get(EMR, "/%2F").await;
+    assert_eq!(refused_path.status, 400);
+    assert!(refused_path.header("strict-transport-security").is_some());
+
+    let quiet = Clinic::start_with(|s| s.server("hsts = \"\"")).await;
+    let r = quiet.gate.client().get(EMR, "/oscar/").await;
+    assert!(r.header("strict-transport-security").is_none());
+}
+
+#[tokio::test]
+async fn the_audience_is_the_configured_viewer_origin() {
+    let clinic = Clinic::start().await;
+    let b = clinic.browser(DOCTOR);
+    let launch = b.launch("1001", None).await;
+    let first = b.viewer_get(&enter_path(&launch)).await;
+    let confirmed = b.get(EMR, path_of(&first)).await;
+    // The redeeming request names the viewer host in its own spelling.
+    let req = b
+        .request(EHR, "GET", path_of(&confirmed))
+        .header(
+            "host",
+            format!("EHR.Localhost.:{}", clinic.gate.addr.port()),
+        )
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(b.send(EHR, req).await.status, 302);
+    assert_eq!(
+        clinic.viewer.launches()[0].0["aud"],
+        format!("https://{EHR}:{}", clinic.gate.addr.port())
+    );
+}
+
+#[tokio::test]
+async fn a_launch_reads_every_cookie_field_of_an_http2_request() {
+    let clinic = Clinic::start().await;
+    let id = clinic.emr.login(DOCTOR);
+    let mut h2 = clinic.gate.client().h2(EMR).await;
+    let req = h2
+        .request(EMR, "/oscar/clinicalConnectEHRViewer.do?demographicNo=1001")
+        .header("sec-fetch-site", "same-origin")
+        .header("cookie", "theme=dark")
+        .header("cookie", format!("JSESSIONID={id}"))
+        .body(Body::empty())
+        .unwrap();
+    let r = h2.fetch(req).await;
+    assert_eq!(r.status, 303, "{}", r.text());
+}
+
+#[tokio::test]
+async fn an_emr_session_holds_a_bounded_number_of_tickets() {
+    let clinic = Clinic::start().await;
+    let b = clinic.browser(DOCTOR);
+    let mut launches = Vec::new();
+    for _ in 0..10 {
+        launches.push(b.launch("1001", None).await);
+    }
+    // The two oldest gave way to newer ones; the newest works.
+    assert_eq!(b.enter(&launches[0]).await.status, 410);
+    assert_eq!(b.enter(&launches[1]).await.status, 410);
+    assert_eq!(b.enter(&launches[9]).await.status, 302);
+}
