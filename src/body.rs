@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -19,8 +19,10 @@ pub enum Body {
     Full(Option<Bytes>),
     Incoming(Incoming),
     /// A client's request body on its way upstream: its trailers are dropped (DESIGN
-    /// §8), so no trailer field can carry a header ehrgate vouches for.
-    Request(Incoming),
+    /// §8), so no trailer field can carry a header ehrgate vouches for; a pause longer
+    /// than `idle` between two reads, or malformed framing, ends it with a
+    /// [`ClientBodyError`].
+    Request(Box<ClientBody>),
     Stream(UnsyncBoxBody<Bytes, BoxError>),
     /// A body that ends with an error (a visible cut: connection closed or stream reset,
     /// never a clean end) the moment `stop` resolves.
@@ -29,6 +31,110 @@ pub enum Body {
         stop: Pin<Box<dyn Future<Output = ()> + Send>>,
         why: &'static str,
     },
+}
+
+/// A client's request body with its idle limit.
+pub struct ClientBody {
+    body: Incoming,
+    idle: std::time::Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// Why a client's request body could not be read to its end: a 408 or a 400 for the
+/// client, never a 502, even when it surfaces as an upstream failure.
+#[derive(Debug)]
+pub enum ClientBodyError {
+    /// No data for `server.client_body_timeout`.
+    Timeout,
+    /// Malformed framing (a bad chunk size, a missing CRLF, ...) or a broken connection.
+    Malformed(hyper::Error),
+}
+
+impl std::fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientBodyError::Timeout => f.write_str("the client paused its request body too long"),
+            ClientBodyError::Malformed(e) => {
+                write!(f, "the client's request body is malformed: {e}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ClientBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ClientBodyError::Timeout => None,
+            ClientBodyError::Malformed(e) => Some(e),
+        }
+    }
+}
+
+impl ClientBodyError {
+    /// The client-body error somewhere in `e`'s chain, if that is what failed.
+    pub fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ClientBodyError> {
+        let mut next = Some(e);
+        while let Some(err) = next {
+            if let Some(found) = err.downcast_ref::<ClientBodyError>() {
+                return Some(found);
+            }
+            next = err.source();
+        }
+        None
+    }
+}
+
+impl ClientBody {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    self.timer = None;
+                    if frame.is_trailers() {
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(Some(Err(Box::new(ClientBodyError::Malformed(e)))))
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {
+                    let idle = self.idle;
+                    let timer = self
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Some(Err(Box::new(ClientBodyError::Timeout))));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// Most request-body bytes ehrgate reads and discards before a refusal, so that the
+/// client, still sending, reads the answer instead of a reset.
+pub const MAX_DRAIN_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Reads and discards a request body that will not be forwarded: at most
+/// [`MAX_DRAIN_BYTES`], with at most `idle` between two reads. Returns whether it was
+/// read to its end (if not, the connection should close after the answer).
+pub async fn drain(mut body: Incoming, idle: std::time::Duration) -> bool {
+    let mut read = 0u64;
+    loop {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Ok(None) => return true,
+            Ok(Some(Ok(frame))) => {
+                read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if read > MAX_DRAIN_BYTES {
+                    return false;
+                }
+            }
+            Ok(Some(Err(_))) | Err(_) => return false,
+        }
+    }
 }
 
 /// The error a body cut by [`Body::until`] ends with.
@@ -76,9 +182,17 @@ impl Body {
         }
     }
 
-    /// A client's request body, forwarded without its trailers.
-    pub fn from_client(b: Incoming) -> Self {
-        Body::Request(b)
+    /// A client's request body, read with `idle` as the longest pause between two reads
+    /// and forwarded without its trailers.
+    pub fn from_client(body: Incoming, idle: std::time::Duration) -> Self {
+        if body.is_end_stream() {
+            return Body::Empty;
+        }
+        Body::Request(Box::new(ClientBody {
+            body,
+            idle,
+            timer: None,
+        }))
     }
 }
 
@@ -100,12 +214,7 @@ impl http_body::Body for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Body::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            Body::Request(b) => loop {
-                match Pin::new(&mut *b).poll_frame(cx) {
-                    Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => continue,
-                    other => return other.map_err(Into::into),
-                }
-            },
+            Body::Request(b) => b.poll_frame(cx),
             Body::Stream(b) => Pin::new(b).poll_frame(cx),
             Body::Until { inner, stop, why } => {
                 if stop.as_mut().poll(cx).is_ready() {
@@ -120,7 +229,8 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(data) => data.is_none(),
-            Body::Incoming(b) | Body::Request(b) => b.is_end_stream(),
+            Body::Incoming(b) => b.is_end_stream(),
+            Body::Request(b) => b.body.is_end_stream(),
             Body::Stream(b) => b.is_end_stream(),
             Body::Until { inner, .. } => inner.is_end_stream(),
         }
@@ -130,7 +240,8 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-            Body::Incoming(b) | Body::Request(b) => b.size_hint(),
+            Body::Incoming(b) => b.size_hint(),
+            Body::Request(b) => b.body.size_hint(),
             Body::Stream(b) => b.size_hint(),
             Body::Until { inner, .. } => inner.size_hint(),
         }

@@ -62,6 +62,19 @@ impl From<&Config> for SessionLimits {
     }
 }
 
+/// Refuses every method but GET (HEAD included) with 405.
+fn get_only(method: &Method, path: &str) -> Result<(), Problem> {
+    if method == Method::GET {
+        return Ok(());
+    }
+    Err(Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "Method not allowed",
+        format!("{path} answers GET only."),
+    ))
+}
+
 /// Largest JSON answer ehrgate reads from the EMR (whoami, demographics).
 const MAX_EMR_JSON: usize = 1024 * 1024;
 
@@ -111,14 +124,8 @@ impl Gateway {
                 Ok(self.status(&req))
             }
             (Origin::Emr, "/.ehrgate/confirm") => {
-                if method != Method::GET {
-                    return Err(Problem::new(
-                        StatusCode::METHOD_NOT_ALLOWED,
-                        "method_not_allowed",
-                        "Method not allowed",
-                        format!("{path} answers GET only."),
-                    ));
-                }
+                // Only GET: a HEAD would spend or confirm a ticket for a response nobody sees.
+                get_only(method, path)?;
                 self.confirm(ctx, &req).await
             }
             (Origin::Emr, "/.ehrgate/disconnect") => {
@@ -126,15 +133,8 @@ impl Gateway {
                 self.disconnect(ctx, &req).await
             }
             (Origin::Ehr, "/.ehrgate/enter") => {
-                // Only GET redeems: a HEAD would spend the ticket on a response nobody sees.
-                if method != Method::GET {
-                    return Err(Problem::new(
-                        StatusCode::METHOD_NOT_ALLOWED,
-                        "method_not_allowed",
-                        "Method not allowed",
-                        format!("{path} answers GET only."),
-                    ));
-                }
+                // Only GET: a HEAD would spend or confirm a ticket for a response nobody sees.
+                get_only(method, path)?;
                 self.enter(ctx, conn, req).await
             }
             (Origin::Ehr, SESSION_SCRIPT_PATH) => {
@@ -145,10 +145,11 @@ impl Gateway {
                 known(&Method::GET)?;
                 self.events(&req)
             }
-            _ => Err(
-                Problem::not_found(format!("{path} is not an ehrgate endpoint."))
-                    .hint("Open the EMR from its usual address."),
-            ),
+            _ => {
+                let p = Problem::not_found(format!("{path} is not an ehrgate endpoint."))
+                    .hint("Open the EMR from its usual address.");
+                Err(self.refuse_unread(req, p).await)
+            }
         }
     }
 
@@ -196,7 +197,9 @@ impl Gateway {
         }
         headers::set_forwarded(h, peer, &ctx.host, &ctx.id_header);
         let resp = self.emr.send(req).await.map_err(|e| {
-            self.metrics.upstream_failure(Origin::Emr, e.failure_kind());
+            if let Some(kind) = e.failure_kind() {
+                self.metrics.upstream_failure(Origin::Emr, kind);
+            }
             e.into_problem(Origin::Emr)
         })?;
         let status = resp.status();

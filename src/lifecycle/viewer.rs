@@ -68,7 +68,8 @@ impl Gateway {
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Problem> {
         let Some(session) = self.live_ehr_session(req.headers(), ctx).await else {
-            return Err(self.ehr_session_ended(req.headers()));
+            let problem = self.ehr_session_ended(req.headers());
+            return Err(self.refuse_unread(req, problem).await);
         };
         let path = req.uri().path().to_owned();
         let observe_override =
@@ -162,6 +163,17 @@ impl Gateway {
                     .is_some()
                 {
                     too_large()
+                } else if matches!(
+                    crate::body::ClientBodyError::find(&*e),
+                    Some(crate::body::ClientBodyError::Timeout)
+                ) {
+                    Problem::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request_body_timeout",
+                        "Request timeout",
+                        "The override form stopped arriving before it was complete.",
+                    )
+                    .hint("Submit the form again.")
                 } else {
                     Problem::bad_request("The override form could not be read.").cause(e)
                 }

@@ -240,12 +240,19 @@ impl Gateway {
             let method = req.method().clone();
             let host = route::request_host(req.uri(), req.headers());
             let (route, mut resp) = match self.classify(&conn, req.method(), host) {
-                Err(problem) => (Route::Unrouted, self.fail(&ctx, problem)),
+                Err(problem) => {
+                    let problem = self.refuse_unread(req, problem).await;
+                    (Route::Unrouted, self.fail(&ctx, problem))
+                }
                 Ok(origin) => {
                     tracing::Span::current().record("origin", origin.as_str());
                     ctx.host = host.unwrap_or_default().to_owned();
                     let resp = match path::canonical(req.uri().path()) {
-                        Err(e) => self.fail(&ctx, Problem::bad_request(e.describe())),
+                        Err(e) => {
+                            let problem = Problem::bad_request(e.describe());
+                            let problem = self.refuse_unread(req, problem).await;
+                            self.fail(&ctx, problem)
+                        }
                         Ok(canonical) => {
                             ctx.path = canonical;
                             match self.serve(&ctx, origin, &conn, req).await {
@@ -343,7 +350,7 @@ impl Gateway {
         parts.version = Version::HTTP_11;
         Outbound {
             parts,
-            body: Body::from_client(body),
+            body: Body::from_client(body, self.config.server.client_body_timeout.get()),
             client_upgrade,
         }
     }
@@ -364,7 +371,9 @@ impl Gateway {
         {
             Ok(resp) => resp,
             Err(e) => {
-                self.metrics.upstream_failure(origin, e.failure_kind());
+                if let Some(kind) = e.failure_kind() {
+                    self.metrics.upstream_failure(origin, kind);
+                }
                 return Err(e.into_problem(origin));
             }
         };
@@ -418,6 +427,20 @@ impl Gateway {
         }
         headers::fold_cookies(headers);
         cookies::strip_own(headers);
+    }
+
+    /// A refusal of a request whose body will not be forwarded: the body is read and
+    /// discarded first (bounded in bytes and time), so a client still sending it reads
+    /// the answer rather than a reset; if it could not be, the connection closes after.
+    pub(crate) async fn refuse_unread(&self, req: Request<Incoming>, problem: Problem) -> Problem {
+        let body = req.into_body();
+        if http_body::Body::is_end_stream(&body)
+            || crate::body::drain(body, self.config.server.client_body_timeout.get()).await
+        {
+            problem
+        } else {
+            problem.with_header(http::header::CONNECTION, HeaderValue::from_static("close"))
+        }
     }
 
     pub(crate) fn fail(&self, ctx: &Ctx, problem: Problem) -> Response<Body> {

@@ -42,11 +42,17 @@ pub enum UpstreamError {
     Connect(BoxError),
     /// The connection broke before a response header arrived.
     Other(BoxError),
+    /// Not the upstream's fault: the client's request body was too slow or malformed
+    /// while it was being forwarded (the upstream connection was dropped, so the
+    /// upstream never takes a truncated request for a whole one).
+    ClientBody { timeout: bool, cause: BoxError },
 }
 
 impl UpstreamError {
-    pub fn failure_kind(&self) -> UpstreamFailure {
-        match self {
+    /// How the metrics count it; `None` when the client, not the upstream, failed.
+    pub fn failure_kind(&self) -> Option<UpstreamFailure> {
+        Some(match self {
+            UpstreamError::ClientBody { .. } => return None,
             UpstreamError::ResponseTimeout | UpstreamError::ConnectTimeout(_) => {
                 UpstreamFailure::Timeout
             }
@@ -54,13 +60,16 @@ impl UpstreamError {
                 UpstreamFailure::Connect
             }
             UpstreamError::Other(_) => UpstreamFailure::Other,
-        }
+        })
     }
 
     /// The page a browser gets: 504 for time limits, 502 otherwise.
     pub fn into_problem(self, origin: Origin) -> Problem {
         let who = origin.display();
         let (status, code, detail, cause): (_, _, String, Option<BoxError>) = match self {
+            UpstreamError::ClientBody { timeout, cause } => {
+                return client_body_problem(timeout, cause)
+            }
             UpstreamError::ResponseTimeout => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
@@ -105,6 +114,24 @@ impl UpstreamError {
         p.cause = cause;
         p
     }
+}
+
+/// The answer when the client's own request body failed while it was forwarded.
+fn client_body_problem(timeout: bool, cause: BoxError) -> Problem {
+    let p = if timeout {
+        Problem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_body_timeout",
+            "Request timeout",
+            "The request body stopped arriving before it was complete.",
+        )
+        .hint("Try again; if you are on a slow connection, try a smaller upload.")
+    } else {
+        Problem::bad_request("The request body is malformed (bad chunked framing or cut short).")
+    };
+    let mut p = p.side(Side::Downstream);
+    p.cause = Some(cause);
+    p
 }
 
 impl Upstream {
@@ -197,6 +224,13 @@ fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
         if let Some(rustls::Error::InvalidCertificate(why)) = err.downcast_ref::<rustls::Error>() {
             certificate = Some(certificate_reason(why));
         }
+    }
+    if let Some(client) = crate::body::ClientBodyError::find(&e) {
+        let timeout = matches!(client, crate::body::ClientBodyError::Timeout);
+        return UpstreamError::ClientBody {
+            timeout,
+            cause: Box::new(e),
+        };
     }
     match certificate {
         Some(reason) => UpstreamError::Certificate {

@@ -535,3 +535,80 @@ async fn an_emr_session_holds_a_bounded_number_of_tickets() {
     assert_eq!(b.enter(&launches[1]).await.status, 410);
     assert_eq!(b.enter(&launches[9]).await.status, 302);
 }
+
+#[tokio::test]
+async fn a_refused_upload_still_gets_its_answer() {
+    use futures_util::stream;
+    use http_body::Frame;
+    let clinic = Clinic::start().await;
+    let mut c = clinic.gate.client().h1(EHR).await;
+    let chunk = bytes::Bytes::from(vec![b'u'; 64 * 1024]);
+    let body = stream::iter(
+        std::iter::repeat_n(chunk, 128).map(|c| Ok::<_, std::io::Error>(Frame::data(c))),
+    );
+    let req = http::Request::post("/upload")
+        .header("host", EHR)
+        .header("content-length", (8 * 1024 * 1024).to_string())
+        .body(Body::stream(http_body_util::StreamBody::new(body)))
+        .unwrap();
+    // No session: 401, read whole by a client that was still sending 8 MiB.
+    let r = c.fetch(req).await;
+    assert_eq!(r.status, 401);
+    assert!(r.text().contains("relaunch from the EMR"));
+}
+
+#[tokio::test]
+async fn a_slow_request_body_is_cut_off_with_408() {
+    let clinic = Clinic::start_with(|s| s.server("client_body_timeout = \"300ms\"")).await;
+    let browser = connected(&clinic).await;
+    let cookie = format!(
+        "__Host-ehrgate={}",
+        browser.cookie(EHR, "__Host-ehrgate").unwrap()
+    );
+    // The override form announces 1,000 bytes and sends 10.
+    let head = format!(
+        "POST /override HTTP/1.1\r\nHost: {EHR}\r\nCookie: {cookie}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nreason=abc"
+    );
+    let answer = clinic.gate.client().raw(EHR, head.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        clinic.audit_events("override").is_empty(),
+        "no record of a form never read"
+    );
+    // The same on the forwarding path (EMR host), where the upstream has begun.
+    let answer = clinic
+        .gate
+        .client()
+        .raw(
+            EMR,
+            b"POST /oscar/form HTTP/1.1\r\nHost: emr.localhost\r\nContent-Length: 1000\r\n\r\n0123456789",
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+}
+
+#[tokio::test]
+async fn malformed_chunked_bodies_get_400_and_never_a_whole_request_upstream() {
+    let clinic = Clinic::start().await;
+    let long_extension = format!("5;{}=x\r\nhello\r\n0\r\n\r\n", "e".repeat(64 * 1024));
+    let bodies: Vec<String> = vec![
+        "zz\r\nhello\r\n0\r\n\r\n".into(),
+        "fffffffffffffffffffff\r\nhello\r\n0\r\n\r\n".into(),
+        "5\r\nhelloXX0\r\n\r\n".into(),
+        long_extension,
+    ];
+    for body in bodies {
+        let request = format!(
+            "POST /oscar/form HTTP/1.1\r\nHost: {EMR}\r\nTransfer-Encoding: chunked\r\n\r\n{body}"
+        );
+        let answer = clinic.gate.client().raw(EMR, request.as_bytes()).await;
+        let shown = &answer[..answer.len().min(300)];
+        assert!(answer.starts_with("HTTP/1.1 400"), "{shown}");
+        assert!(answer.contains("malformed"), "ehrgate's own page: {shown}");
+        assert!(
+            !answer.contains("body_len"),
+            "the upstream answered a whole request: {shown}"
+        );
+    }
+}

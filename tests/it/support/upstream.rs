@@ -114,7 +114,13 @@ pub async fn echo(name: &'static str, mut req: Request<Incoming>) -> Response<Bo
     let mut head = Vec::new();
     let mut trailers = serde_json::Map::new();
     while let Some(frame) = body.frame().await {
-        match frame.expect("request body").into_data() {
+        let Ok(frame) = frame else {
+            // A request cut short or malformed on its way here: say so, as a server would.
+            let mut r = Response::new(Body::full(r#"{"body_error":true}"#));
+            *r.status_mut() = StatusCode::BAD_REQUEST;
+            return r;
+        };
+        match frame.into_data() {
             Ok(data) => {
                 len += data.len() as u64;
                 if head.len() < 4096 {
