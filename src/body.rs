@@ -22,7 +22,10 @@ pub enum Body {
     /// §8), so no trailer field can carry a header ehrgate vouches for; a pause longer
     /// than `idle` between two reads, or malformed framing, ends it with a
     /// [`ClientBodyError`].
-    Request(Box<ClientBody>),
+    Request(Box<IdleBody>),
+    /// An upstream's response body: a pause longer than `idle` between two reads ends it
+    /// with an [`UpstreamStalled`] error (a visible cut, never a clean end).
+    Response(Box<IdleBody>),
     Stream(UnsyncBoxBody<Bytes, BoxError>),
     /// A body that ends with an error (a visible cut: connection closed or stream reset,
     /// never a clean end) the moment `stop` resolves.
@@ -33,12 +36,26 @@ pub enum Body {
     },
 }
 
-/// A client's request body with its idle limit.
-pub struct ClientBody {
+/// A peer's body with its idle limit.
+pub struct IdleBody {
     body: Incoming,
     idle: std::time::Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A client's request body (else an upstream's response body).
+    from_client: bool,
 }
+
+/// An upstream paused its response body longer than `server.upstream_body_timeout`.
+#[derive(Debug)]
+pub struct UpstreamStalled;
+
+impl std::fmt::Display for UpstreamStalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the upstream paused its response body too long")
+    }
+}
+
+impl std::error::Error for UpstreamStalled {}
 
 /// Why a client's request body could not be read to its end: a 408 or a 400 for the
 /// client, never a 502, even when it surfaces as an upstream failure.
@@ -84,20 +101,21 @@ impl ClientBodyError {
     }
 }
 
-impl ClientBody {
+impl IdleBody {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         loop {
             match Pin::new(&mut self.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     self.timer = None;
-                    if frame.is_trailers() {
+                    if frame.is_trailers() && self.from_client {
                         continue;
                     }
                     return Poll::Ready(Some(Ok(frame)));
                 }
-                Poll::Ready(Some(Err(e))) => {
+                Poll::Ready(Some(Err(e))) if self.from_client => {
                     return Poll::Ready(Some(Err(Box::new(ClientBodyError::Malformed(e)))))
                 }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => {
                     let idle = self.idle;
@@ -105,7 +123,11 @@ impl ClientBody {
                         .timer
                         .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
                     if timer.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Some(Err(Box::new(ClientBodyError::Timeout))));
+                        return Poll::Ready(Some(Err(if self.from_client {
+                            Box::new(ClientBodyError::Timeout)
+                        } else {
+                            Box::new(UpstreamStalled)
+                        })));
                     }
                     return Poll::Pending;
                 }
@@ -188,10 +210,24 @@ impl Body {
         if body.is_end_stream() {
             return Body::Empty;
         }
-        Body::Request(Box::new(ClientBody {
+        Body::Request(Box::new(IdleBody {
             body,
             idle,
             timer: None,
+            from_client: true,
+        }))
+    }
+
+    /// An upstream's response body, with `idle` as the longest pause between two reads.
+    pub fn from_upstream(body: Incoming, idle: std::time::Duration) -> Self {
+        if body.is_end_stream() {
+            return Body::Empty;
+        }
+        Body::Response(Box::new(IdleBody {
+            body,
+            idle,
+            timer: None,
+            from_client: false,
         }))
     }
 }
@@ -214,7 +250,7 @@ impl http_body::Body for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Body::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            Body::Request(b) => b.poll_frame(cx),
+            Body::Request(b) | Body::Response(b) => b.poll_frame(cx),
             Body::Stream(b) => Pin::new(b).poll_frame(cx),
             Body::Until { inner, stop, why } => {
                 if stop.as_mut().poll(cx).is_ready() {
@@ -230,7 +266,7 @@ impl http_body::Body for Body {
             Body::Empty => true,
             Body::Full(data) => data.is_none(),
             Body::Incoming(b) => b.is_end_stream(),
-            Body::Request(b) => b.body.is_end_stream(),
+            Body::Request(b) | Body::Response(b) => b.body.is_end_stream(),
             Body::Stream(b) => b.is_end_stream(),
             Body::Until { inner, .. } => inner.is_end_stream(),
         }
@@ -241,7 +277,7 @@ impl http_body::Body for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             Body::Incoming(b) => b.size_hint(),
-            Body::Request(b) => b.body.size_hint(),
+            Body::Request(b) | Body::Response(b) => b.body.size_hint(),
             Body::Stream(b) => b.size_hint(),
             Body::Until { inner, .. } => inner.size_hint(),
         }

@@ -62,6 +62,6 @@ impl Gateway {
                     .await;
             }
         }
-        Ok(resp.map(Body::from))
+        Ok(resp)
     }
 }

@@ -230,7 +230,7 @@ impl Gateway {
     /// sign-out, a report download or a long poll no more than a WebSocket.
     pub(crate) fn viewer_response(
         &self,
-        resp: Response<Incoming>,
+        resp: Response<Body>,
         session: &Arc<EhrSession>,
         inject: bool,
     ) -> Response<Body> {
@@ -268,13 +268,10 @@ impl Gateway {
             // The page differs from what the viewer sent: its validators no longer apply.
             parts.headers.remove(http::header::ETAG);
             debug!("adding the session script to a viewer page");
-            let body = inject::with_session_script(Body::from(body));
+            let body = inject::with_session_script(body);
             return Response::from_parts(parts, body.until(session.close_signal(), SIGNED_OUT));
         }
-        Response::from_parts(
-            parts,
-            Body::from(body).until(session.close_signal(), SIGNED_OUT),
-        )
+        Response::from_parts(parts, body.until(session.close_signal(), SIGNED_OUT))
     }
 }
 

@@ -362,7 +362,7 @@ impl Gateway {
         origin: Origin,
         out: Outbound,
         close: Option<crate::session::CloseSignal>,
-    ) -> Result<Response<Incoming>, Problem> {
+    ) -> Result<Response<Body>, Problem> {
         let upstream = self.upstream(origin);
         let sent = Instant::now();
         let mut resp = match upstream

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -26,6 +25,7 @@ pub struct Upstream {
     authority: http::uri::Authority,
     client: Client<HttpsConnector<HttpConnector>, Body>,
     response_timeout: Duration,
+    body_timeout: Duration,
 }
 
 /// Why an upstream gave no response.
@@ -181,6 +181,7 @@ impl Upstream {
             authority: parsed.authority,
             client,
             response_timeout: server.upstream_response_timeout.get(),
+            body_timeout: server.upstream_body_timeout.get(),
         })
     }
 
@@ -198,11 +199,12 @@ impl Upstream {
     }
 
     /// Sends a request and waits for the response header within the configured limits.
-    /// The response body streams afterwards, unbounded in time, as a download may.
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+    /// The response body streams afterwards, as long as a download takes, but a pause
+    /// longer than `upstream_body_timeout` between two reads ends it visibly.
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Body>, UpstreamError> {
         match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
             Err(_) => Err(UpstreamError::ResponseTimeout),
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => Ok(resp.map(|b| Body::from_upstream(b, self.body_timeout))),
             Ok(Err(e)) => Err(classify(e)),
         }
     }

@@ -32,6 +32,9 @@ pub struct ConnLimits {
     pub tls_handshake_timeout: Duration,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// A response waiting on a client that reads nothing for this long ends the
+    /// connection.
+    pub send_timeout: Duration,
     pub max_header_bytes: usize,
     /// HTTP/1.1 read and write buffer limit.
     pub h1_buffer_bytes: usize,
@@ -47,6 +50,7 @@ impl From<&ServerConfig> for ConnLimits {
             tls_handshake_timeout: s.tls_handshake_timeout.get(),
             header_read_timeout: s.header_read_timeout.get(),
             idle_timeout: s.idle_timeout.get(),
+            send_timeout: s.send_timeout.get(),
             max_header_bytes: s.max_header_bytes,
             h1_buffer_bytes: s.h1_buffer_bytes(),
             stream_buffer_bytes: s.stream_buffer_bytes,
@@ -62,11 +66,17 @@ pub struct ConnGuards {
     pub _drain: mpsc::Sender<()>,
 }
 
-/// Requests in flight and the time of the last activity, for the idle limit.
+/// Requests in flight and the time of the last activity, for the idle limit; response
+/// bodies waiting on the client and the time of the last progress, for the send limit.
 struct Activity {
     born: Instant,
     in_flight: AtomicUsize,
     last_ms: AtomicU64,
+    /// Response bodies that handed data to the connection and were not asked for more
+    /// since: the client has not taken what they gave.
+    waiting_on_client: AtomicUsize,
+    /// When any response body last made progress (was asked for more).
+    progress_ms: AtomicU64,
 }
 
 impl Activity {
@@ -75,12 +85,27 @@ impl Activity {
             born: Instant::now(),
             in_flight: AtomicUsize::new(0),
             last_ms: AtomicU64::new(0),
+            waiting_on_client: AtomicUsize::new(0),
+            progress_ms: AtomicU64::new(0),
         }
     }
 
+    fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
     fn touch(&self) {
-        self.last_ms
-            .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// When the send limit runs out, if a response is waiting on the client now; else a
+    /// time to look again.
+    fn send_deadline(&self, send: Duration) -> (Instant, bool) {
+        if self.waiting_on_client.load(Ordering::Relaxed) == 0 {
+            return (Instant::now() + send, false);
+        }
+        let last = self.born + Duration::from_millis(self.progress_ms.load(Ordering::Relaxed));
+        (last + send, true)
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
@@ -113,10 +138,32 @@ impl Drop for InFlight {
     }
 }
 
-/// The response body, carrying the in-flight mark until it is done.
+/// The response body, carrying the in-flight mark until it is done, and telling the
+/// connection when it waits on the client (DESIGN §4 `send_timeout`).
 struct Tracked {
     inner: Body,
-    _in_flight: InFlight,
+    in_flight: InFlight,
+    waiting: bool,
+}
+
+impl Tracked {
+    fn set_waiting(&mut self, waiting: bool) {
+        if self.waiting != waiting {
+            self.waiting = waiting;
+            let a = &self.in_flight.0;
+            if waiting {
+                a.waiting_on_client.fetch_add(1, Ordering::Relaxed);
+            } else {
+                a.waiting_on_client.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.set_waiting(false);
+    }
 }
 
 impl http_body::Body for Tracked {
@@ -127,7 +174,16 @@ impl http_body::Body for Tracked {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        let this = self.get_mut();
+        // Asked for more: whatever was handed over before has been taken.
+        this.set_waiting(false);
+        let a = &this.in_flight.0;
+        a.progress_ms.store(a.now_ms(), Ordering::Relaxed);
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(&polled, Poll::Ready(Some(Ok(f))) if f.is_data()) {
+            this.set_waiting(true);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -221,7 +277,8 @@ pub async fn serve(
                 let resp = gateway.handle(info, req).await;
                 Ok::<_, Infallible>(resp.map(|inner| Tracked {
                     inner,
-                    _in_flight: in_flight,
+                    in_flight,
+                    waiting: false,
                 }))
             }
         })
@@ -277,6 +334,7 @@ async fn drive<C: GracefulConn>(
     let mut closing = false;
     loop {
         let idle_at = activity.idle_deadline(limits.idle_timeout);
+        let (send_at, waiting) = activity.send_deadline(limits.send_timeout);
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {
@@ -287,6 +345,14 @@ async fn drive<C: GracefulConn>(
             _ = crate::server::signalled(&mut shutdown), if !closing => {
                 conn.as_mut().begin_shutdown();
                 closing = true;
+            }
+            _ = tokio::time::sleep_until(send_at.into()) => {
+                if waiting && activity.send_deadline(limits.send_timeout) == (send_at, true) {
+                    // A client that takes nothing of a response holds an upstream
+                    // connection and buffers: the exchange ends (RST / close).
+                    debug!("client read nothing for send_timeout; closing the connection");
+                    return;
+                }
             }
             _ = sleep_until(idle_at), if !closing => {
                 if activity.idle_deadline(limits.idle_timeout).is_none() {

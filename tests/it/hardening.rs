@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use ehrgate::body::Body;
+use futures_util::StreamExt;
 
 use crate::support::clinic::{path_of, Browser, Clinic, DOCTOR, OTHER_DOCTOR};
 use crate::support::{EHR, EMR};
@@ -611,4 +612,84 @@ async fn malformed_chunked_bodies_get_400_and_never_a_whole_request_upstream() {
             "the upstream answered a whole request: {shown}"
         );
     }
+}
+
+#[tokio::test]
+async fn an_upstream_that_stalls_mid_body_is_cut_off() {
+    use crate::support::upstream;
+    use http_body_util::BodyExt;
+    // Headers and one chunk, then nothing, for ever.
+    let addr = upstream::spawn(|_req| async {
+        let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(http_body::Frame::data(
+            bytes::Bytes::from_static(b"first chunk\n"),
+        ))])
+        .chain(futures_util::stream::pending());
+        http::Response::new(Body::stream(http_body_util::StreamBody::new(stream)))
+    })
+    .await;
+    let gate = crate::support::Gate::start(
+        crate::support::Setup::new(addr, addr)
+            .server("upstream_response_timeout = \"5s\"\nupstream_body_timeout = \"300ms\""),
+    )
+    .await;
+    let client = gate.client();
+    let mut h1 = client.h1(EMR).await;
+    let resp = h1
+        .send(
+            crate::support::client::H1::request(EMR, "/report")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    let mut h2 = client.h2(EMR).await;
+    let req = h2.request(EMR, "/report").body(Body::empty()).unwrap();
+    h2.send.ready().await.unwrap();
+    let resp2 = h2.send.send_request(req).await.unwrap();
+    for (i, resp) in [resp, resp2].into_iter().enumerate() {
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "first chunk\n");
+        let end = tokio::time::timeout(SOON, body.frame())
+            .await
+            .expect("the stalled response is ended, not left open");
+        assert!(
+            matches!(end, Some(Err(_))),
+            "response {i} must end visibly, not as if complete: {end:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_reads_nothing_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = crate::support::upstream::Echo::start("emr").await;
+    let gate = crate::support::Gate::start(
+        crate::support::Setup::new(echo.addr, echo.addr).server("send_timeout = \"500ms\""),
+    )
+    .await;
+    let mut tls = gate.client().tls(EMR, &[b"http/1.1"]).await;
+    tls.write_all(b"GET /download?bytes=268435456 HTTP/1.1\r\nHost: emr.localhost\r\n\r\n")
+        .await
+        .unwrap();
+    // Read nothing: ehrgate must give up on this client and close its connection.
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        let (_, metrics) = gate.admin_get("/metrics").await;
+        if metrics.contains("ehrgate_open_connections 0") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // What was already in flight can be read; then the connection ends, short of 256 MiB.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    while let Ok(Ok(n)) = tokio::time::timeout(SOON, tls.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    assert!(got < 64 << 20, "{got} bytes");
 }
