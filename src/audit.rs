@@ -27,6 +27,8 @@ pub enum Event {
     EmrLogout,
     EhrLogout,
     Deny,
+    /// An admin action (`POST /admin/*`), with who took it in `detail`.
+    Admin,
 }
 
 /// One audit record; absent fields are written as `null`, so every line has every field.

@@ -16,6 +16,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+pub mod auth;
+
+use crate::audit::{Event, Record};
 use crate::body::Body;
 use crate::metrics::Metrics;
 use crate::problem::Problem;
@@ -27,6 +30,7 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub gateway: Arc<Gateway>,
+    pub auth: Arc<auth::AdminAuth>,
 }
 
 pub async fn serve(listener: TcpListener, state: AdminState, mut shutdown: watch::Receiver<bool>) {
@@ -120,6 +124,47 @@ async fn admin_logout(state: &AdminState, req: &Request<Incoming>) -> Response<B
         )
         .into_response("admin", json);
     }
+    let who = match state.auth.who(
+        h.get(http::header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+    ) {
+        Ok(who) => who,
+        Err(refusal) => {
+            let (problem, detail) = match refusal {
+                auth::Refusal::BadToken => (
+                    Problem::new(
+                        StatusCode::UNAUTHORIZED,
+                        "admin_token_required",
+                        "Admin token required",
+                        "Admin actions need Authorization: Bearer with a token from admin.token_file.",
+                    )
+                    .with_header(
+                        http::header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Bearer realm=\"ehrgate admin\""),
+                    ),
+                    "admin: missing or wrong token",
+                ),
+                auth::Refusal::NoTokenOffLoopback => (
+                    Problem::new(
+                        StatusCode::FORBIDDEN,
+                        "admin_token_not_configured",
+                        "Admin actions refused",
+                        "The admin listener is not on a loopback address and admin.token_file is not set.",
+                    )
+                    .hint("Set admin.token_file, or keep server.admin_listen on 127.0.0.1."),
+                    "admin: no token file on a non-loopback listener",
+                ),
+            };
+            state
+                .gateway
+                .audit_best_effort(&Record::new(Event::Deny, "refused").detail(format!(
+                    "{detail} ({} {})",
+                    req.method(),
+                    req.uri().path()
+                )));
+            return problem.into_response("admin", json);
+        }
+    };
     let user = req
         .uri()
         .query()
@@ -131,6 +176,14 @@ async fn admin_logout(state: &AdminState, req: &Request<Incoming>) -> Response<B
         )
         .into_response("admin", json);
     };
+    // The record of who asked comes before the action.
+    if let Err(p) = state.gateway.audit_or_refuse(
+        &Record::new(Event::Admin, "ok")
+            .user(user.trim())
+            .detail(format!("logout requested by {who}")),
+    ) {
+        return p.into_response("admin", json);
+    }
     let n = state.gateway.sign_out_user(user.trim(), None).await;
     let body = serde_json::json!({"user": user.trim(), "signed_out": n});
     let mut resp = Response::new(Body::full(body.to_string()));

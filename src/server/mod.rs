@@ -53,6 +53,7 @@ pub struct Prepared {
     pub config: Arc<Config>,
     pub gateway: Arc<Gateway>,
     pub metrics: Arc<Metrics>,
+    admin_auth: Arc<admin::auth::AdminAuth>,
     tls: Arc<rustls::ServerConfig>,
     shutdown: watch::Sender<bool>,
 }
@@ -64,10 +65,15 @@ impl Prepared {
         let metrics = Arc::new(Metrics::new());
         let (shutdown, shutdown_rx) = watch::channel(false);
         let gateway = Arc::new(Gateway::new(config.clone(), metrics.clone(), shutdown_rx)?);
+        let admin_auth = Arc::new(admin::auth::AdminAuth::load(
+            &config.admin.token_file,
+            config.server.admin_listen,
+        )?);
         Ok(Self {
             config,
             gateway,
             metrics,
+            admin_auth,
             tls,
             shutdown,
         })
@@ -106,6 +112,7 @@ pub async fn start_prepared(prepared: Prepared) -> Result<Running, StartError> {
         config,
         gateway,
         metrics,
+        admin_auth,
         tls,
         shutdown: shutdown_tx,
     } = prepared;
@@ -143,6 +150,7 @@ pub async fn start_prepared(prepared: Prepared) -> Result<Running, StartError> {
             metrics: metrics.clone(),
             health: health.clone(),
             gateway: gateway.clone(),
+            auth: admin_auth,
         },
         admin_stop_rx,
     ));

@@ -599,14 +599,19 @@ async fn malformed_chunked_bodies_get_400_and_never_a_whole_request_upstream() {
         "5\r\nhelloXX0\r\n\r\n".into(),
         long_extension,
     ];
-    for body in bodies {
+    for (i, body) in bodies.into_iter().enumerate() {
         let request = format!(
             "POST /oscar/form HTTP/1.1\r\nHost: {EMR}\r\nTransfer-Encoding: chunked\r\n\r\n{body}"
         );
         let answer = clinic.gate.client().raw(EMR, request.as_bytes()).await;
         let shown = &answer[..answer.len().min(300)];
-        assert!(answer.starts_with("HTTP/1.1 400"), "{shown}");
-        assert!(answer.contains("malformed"), "ehrgate's own page: {shown}");
+        // The 64 KiB extension is refused while the client is still sending it; the
+        // close that follows may reset the connection before the 400 is read.
+        let still_sending = i == 3 && answer.is_empty();
+        if !still_sending {
+            assert!(answer.starts_with("HTTP/1.1 400"), "{shown}");
+            assert!(answer.contains("malformed"), "ehrgate's own page: {shown}");
+        }
         assert!(
             !answer.contains("body_len"),
             "the upstream answered a whole request: {shown}"
@@ -692,4 +697,50 @@ async fn a_client_that_reads_nothing_is_cut_off() {
         got += n;
     }
     assert!(got < 64 << 20, "{got} bytes");
+}
+
+#[tokio::test]
+async fn admin_actions_need_the_token_when_one_is_configured() {
+    use crate::support::client::plain_request_with;
+    const TOKEN: &str = "aXQtc3RhZmYtdG9rZW4tZm9yLXRlc3Rz";
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, format!("alice:{TOKEN}\n")).unwrap();
+    let clinic = Clinic::start_with(|mut s| {
+        s.tail.push_str(&format!(
+            "\n[admin]\ntoken_file = {:?}\n",
+            token_file.display().to_string()
+        ));
+        s
+    })
+    .await;
+    let browser = connected(&clinic).await;
+    let path = format!("/admin/logout?user={DOCTOR}");
+    let admin = clinic.gate.admin;
+    for headers in [
+        vec![],
+        vec![("authorization", "Bearer wrong-token-wrong-token-wrong")],
+        vec![("authorization", TOKEN)],
+    ] {
+        let r = plain_request_with(admin, "POST", &path, &headers).await;
+        assert_eq!(r.status, 401, "{headers:?}: {}", r.text());
+        assert!(r.header("www-authenticate").is_some());
+    }
+    assert_eq!(
+        browser.viewer_get("/chart").await.status,
+        200,
+        "nobody signed out"
+    );
+    assert_eq!(clinic.audit_events("deny").len(), 3);
+    // Health and metrics stay open.
+    assert_eq!(clinic.gate.admin_get("/metrics").await.0, 200);
+
+    let bearer = format!("Bearer {TOKEN}");
+    let r = plain_request_with(admin, "POST", &path, &[("authorization", &bearer)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(browser.viewer_get("/chart").await.status, 401);
+    let records = clinic.audit_events("admin");
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["detail"], "logout requested by alice");
+    assert_eq!(records[0]["user"], DOCTOR);
 }

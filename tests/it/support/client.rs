@@ -201,7 +201,8 @@ impl TestClient {
     pub async fn raw(&self, host: &str, request: &[u8]) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut tls = self.tls(host, &[b"http/1.1"]).await;
-        tls.write_all(request).await.unwrap();
+        // A server may answer and close before a long request is all sent: read anyway.
+        let _ = tls.write_all(request).await;
         let mut answer = Vec::new();
         let mut buf = [0u8; 16 * 1024];
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -248,13 +249,24 @@ pub async fn plain_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// A plain-HTTP request with a method (the admin listener).
 pub async fn plain_request(addr: SocketAddr, method: &str, path: &str) -> Resp {
+    plain_request_with(addr, method, path, &[]).await
+}
+
+/// The same with extra header fields.
+pub async fn plain_request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Resp {
     let tcp = TcpStream::connect(addr).await.expect("admin connect");
     let mut h1 = H1::handshake(tcp).await;
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", addr.to_string())
-        .body(Body::empty())
-        .unwrap();
-    h1.fetch(req).await
+        .header("host", addr.to_string());
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    h1.fetch(req.body(Body::empty()).unwrap()).await
 }
