@@ -239,31 +239,32 @@ impl Gateway {
         async move {
             let method = req.method().clone();
             let host = route::request_host(req.uri(), req.headers());
-            let (route, mut resp) = match self.classify(&conn, req.method(), host) {
-                Err(problem) => {
-                    let problem = self.refuse_unread(req, problem).await;
-                    (Route::Unrouted, self.fail(&ctx, problem))
-                }
-                Ok(origin) => {
-                    tracing::Span::current().record("origin", origin.as_str());
-                    ctx.host = host.unwrap_or_default().to_owned();
-                    let resp = match path::canonical(req.uri().path()) {
-                        Err(e) => {
-                            let problem = Problem::bad_request(e.describe());
-                            let problem = self.refuse_unread(req, problem).await;
-                            self.fail(&ctx, problem)
-                        }
-                        Ok(canonical) => {
-                            ctx.path = canonical;
-                            match self.serve(&ctx, origin, &conn, req).await {
-                                Ok(resp) => resp,
-                                Err(problem) => self.fail(&ctx, problem),
+            let (route, mut resp) =
+                match self.classify(&conn, req.method(), req.uri(), req.headers(), host) {
+                    Err(problem) => {
+                        let problem = self.refuse_unread(req, problem).await;
+                        (Route::Unrouted, self.fail(&ctx, problem))
+                    }
+                    Ok(origin) => {
+                        tracing::Span::current().record("origin", origin.as_str());
+                        ctx.host = host.unwrap_or_default().to_owned();
+                        let resp = match path::canonical(req.uri().path()) {
+                            Err(e) => {
+                                let problem = Problem::bad_request(e.describe());
+                                let problem = self.refuse_unread(req, problem).await;
+                                self.fail(&ctx, problem)
                             }
-                        }
-                    };
-                    (origin.into(), resp)
-                }
-            };
+                            Ok(canonical) => {
+                                ctx.path = canonical;
+                                match self.serve(&ctx, origin, &conn, req).await {
+                                    Ok(resp) => resp,
+                                    Err(problem) => self.fail(&ctx, problem),
+                                }
+                            }
+                        };
+                        (origin.into(), resp)
+                    }
+                };
             let h = resp.headers_mut();
             h.insert(headers::X_REQUEST_ID.clone(), ctx.id_header.clone());
             if let Some(hsts) = &self.hsts {
@@ -282,6 +283,8 @@ impl Gateway {
         &self,
         conn: &ConnInfo,
         method: &Method,
+        uri: &http::Uri,
+        headers: &http::HeaderMap,
         host: Option<&str>,
     ) -> Result<Origin, Problem> {
         if method == Method::CONNECT {
@@ -291,6 +294,9 @@ impl Gateway {
                 "Method not allowed",
                 "ehrgate is a gateway to the EMR and the EHR viewer, not a forward proxy.",
             ));
+        }
+        if let Some(p) = route::ambiguous_host(uri, headers) {
+            return Err(p);
         }
         route::classify(
             host,

@@ -40,6 +40,25 @@ pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str>
     }
 }
 
+/// A request that names its host ambiguously is refused (RFC 9112 §3.2: more than one
+/// `Host` field is a 400), as is one whose `Host` disagrees with its URI's authority:
+/// the upstream and ehrgate must never route one request by two different hosts.
+pub fn ambiguous_host(uri: &Uri, headers: &HeaderMap) -> Option<Problem> {
+    let mut hosts = headers.get_all(HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Some(Problem::bad_request(
+            "The request has more than one Host field.",
+        ));
+    }
+    match (uri.authority(), first) {
+        (Some(a), Some(h)) if !a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()) => Some(
+            Problem::bad_request("The request's Host field disagrees with its target's host."),
+        ),
+        _ => None,
+    }
+}
+
 /// A host without its port (`[::1]:8443` → `[::1]`, `emr.x:8443` → `emr.x`).
 pub fn host_name(host: &str) -> &str {
     if host.starts_with('[') {

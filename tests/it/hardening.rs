@@ -492,14 +492,12 @@ async fn the_audience_is_the_configured_viewer_origin() {
     let first = b.viewer_get(&enter_path(&launch)).await;
     let confirmed = b.get(EMR, path_of(&first)).await;
     // The redeeming request names the viewer host in its own spelling.
-    let req = b
+    let mut req = b
         .request(EHR, "GET", path_of(&confirmed))
-        .header(
-            "host",
-            format!("EHR.Localhost.:{}", clinic.gate.addr.port()),
-        )
         .body(Body::empty())
         .unwrap();
+    let spelling = format!("EHR.Localhost.:{}", clinic.gate.addr.port());
+    req.headers_mut().insert("host", spelling.parse().unwrap());
     assert_eq!(b.send(EHR, req).await.status, 302);
     assert_eq!(
         clinic.viewer.launches()[0].0["aud"],

@@ -5,6 +5,7 @@ mod support;
 
 mod browser;
 mod config;
+mod corpus;
 mod errors;
 mod flows;
 mod hardening;
