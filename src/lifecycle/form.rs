@@ -64,3 +64,47 @@ mod tests {
         assert_eq!(decode("%41%42"), "AB");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn encode(v: &str) -> String {
+        v.bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                b' ' => "+".to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn launch_parameters_read_back_whatever_they_hold(
+            demographic in "\\PC{0,20}",
+            uao in "\\PC{0,30}",
+            noise in proptest::collection::vec(("[a-z]{1,6}", "\\PC{0,10}"), 0..4),
+        ) {
+            let mut parts: Vec<String> = noise
+                .iter()
+                .filter(|(k, _)| k != "demographicNo" && k != "uao")
+                .map(|(k, v)| format!("{k}={}", encode(v)))
+                .collect();
+            parts.insert(0, format!("demographicNo={}", encode(&demographic)));
+            parts.push(format!("uao={}", encode(&uao)));
+            let query = parts.join("&");
+            prop_assert_eq!(value(&query, "demographicNo").map(String::from), Some(demographic));
+            prop_assert_eq!(value(&query, "uao").map(String::from), Some(uao));
+        }
+
+        #[test]
+        fn any_query_is_read_without_panic(q in "\\PC{0,80}", name in "[a-zA-Z%+]{0,8}") {
+            let _ = value(&q, &name);
+            let _ = decode(&q);
+        }
+    }
+}

@@ -188,3 +188,73 @@ mod tests {
         assert_eq!(insertion_point(b"<head"), None);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use http_body_util::BodyExt;
+    use proptest::prelude::*;
+
+    fn page() -> impl Strategy<Value = String> {
+        (
+            "[ -~]{0,200}",
+            prop_oneof![
+                Just("<head>"),
+                Just("<HEAD lang=en>"),
+                Just("<header>"),
+                Just("<body class=x>"),
+                Just(""),
+            ],
+            "[ -~]{0,200}",
+        )
+            .prop_map(|(a, tag, b)| format!("{a}{tag}{b}"))
+    }
+
+    fn run(page: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        for &c in cuts {
+            let c = c.min(page.len());
+            if c > at {
+                pieces.push(Bytes::copy_from_slice(&page[at..c]));
+                at = c;
+            }
+        }
+        pieces.push(Bytes::copy_from_slice(&page[at..]));
+        let stream = futures_util::stream::iter(
+            pieces
+                .into_iter()
+                .map(|p| Ok::<_, std::io::Error>(Frame::data(p))),
+        );
+        let body = with_session_script(Body::stream(http_body_util::StreamBody::new(stream)));
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(body.collect())
+            .unwrap()
+            .to_bytes()
+            .to_vec()
+    }
+
+    proptest! {
+        #[test]
+        fn the_script_goes_in_once_wherever_the_page_is_cut(
+            page in page(),
+            mut cuts in proptest::collection::vec(0usize..400, 0..6),
+        ) {
+            cuts.sort_unstable();
+            let whole = run(page.as_bytes(), &[]);
+            let cut = run(page.as_bytes(), &cuts);
+            prop_assert_eq!(&cut, &whole);
+            let count = whole.windows(SCRIPT_TAG.len()).filter(|w| *w == SCRIPT_TAG).count();
+            let expected = usize::from(insertion_point(page.as_bytes()).is_some());
+            prop_assert_eq!(count, expected);
+            // Nothing of the page is lost or reordered.
+            let mut without = whole.clone();
+            if let Some(i) = whole.windows(SCRIPT_TAG.len()).position(|w| w == SCRIPT_TAG) {
+                without.drain(i..i + SCRIPT_TAG.len());
+            }
+            prop_assert_eq!(without, page.as_bytes().to_vec());
+        }
+    }
+}

@@ -150,3 +150,60 @@ mod tests {
         assert!(e.to_str().unwrap().contains("Secure"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pair() -> impl Strategy<Value = (String, String)> {
+        (
+            prop_oneof![
+                "[A-Za-z0-9_-]{1,10}",
+                Just(EHR_COOKIE.to_string()),
+                Just(EMR_MARKER_COOKIE.to_string()),
+                Just(BIND_COOKIE.to_string()),
+                "__Host-ehrgate[a-z-]{0,6}",
+            ],
+            "[A-Za-z0-9_=-]{0,12}",
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn ehrgate_cookies_never_pass_however_the_header_is_split(
+            sent in proptest::collection::vec(pair(), 0..10),
+            split in 1usize..4,
+            spaces in any::<bool>(),
+        ) {
+            let sep = if spaces { "; " } else { ";" };
+            let mut headers = HeaderMap::new();
+            for chunk in sent.chunks(split) {
+                let text: Vec<String> = chunk.iter().map(|(n, v)| format!("{n}={v}")).collect();
+                headers.append(COOKIE, HeaderValue::from_str(&text.join(sep)).unwrap());
+            }
+            strip_own(&mut headers);
+            let left: Vec<(String, String)> = pairs(&headers)
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect();
+            prop_assert!(!left.iter().any(|(n, _)| n.starts_with(OWN_PREFIX)));
+            let kept: Vec<(String, String)> = sent
+                .iter()
+                .filter(|(n, _)| !n.starts_with(OWN_PREFIX))
+                .cloned()
+                .collect();
+            prop_assert_eq!(left, kept);
+        }
+
+        #[test]
+        fn reading_any_cookie_header_never_panics(raw in "[ -~]{0,80}") {
+            let mut headers = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_str(&raw) {
+                headers.insert(COOKIE, v);
+            }
+            let _ = get(&headers, EHR_COOKIE);
+            let _ = names(&headers);
+            strip_own(&mut headers);
+        }
+    }
+}

@@ -256,3 +256,72 @@ mod tests {
         assert!(canonical("/.ehrgate/").unwrap().is_under("/.ehrgate"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Path segments as clients write them: letters, digits, dots, escapes, `;params`.
+    fn segment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-zA-Z0-9_~-]{1,8}",
+            Just(".".to_string()),
+            Just("..".to_string()),
+            Just(String::new()),
+            "[a-z]{1,4};[a-z]{1,4}=[A-Z0-9]{0,6}",
+            "%[0-9A-Fa-f]{2}[a-z]{0,3}",
+        ]
+    }
+
+    fn path() -> impl Strategy<Value = String> {
+        proptest::collection::vec(segment(), 0..8).prop_map(|s| format!("/{}", s.join("/")))
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_any_text(raw in "\\PC{0,64}") {
+            let _ = canonical(&raw);
+        }
+
+        #[test]
+        fn canonical_form_is_a_fixed_point(p in path()) {
+            if let Ok(c) = canonical(&p) {
+                let again = canonical(c.as_str()).unwrap();
+                prop_assert_eq!(again.as_str(), c.as_str());
+                let s = c.as_str();
+                prop_assert!(s.starts_with('/'));
+                prop_assert!(!s.contains("//") && !s.contains(';') && !s.contains('\\'));
+                prop_assert!(!s.split('/').any(|seg| seg == "." || seg == ".."));
+                prop_assert!(s == "/" || !s.ends_with('/'));
+            }
+        }
+
+        #[test]
+        fn other_spellings_meet_the_same_form(
+            segs in proptest::collection::vec("[a-zA-Z0-9_~.-]{1,8}", 1..6),
+            param in "[a-z]{1,6}=[A-Za-z0-9]{0,8}",
+            which in 0usize..6,
+        ) {
+            prop_assume!(segs.iter().all(|s| s != "." && s != ".."));
+            let plain = format!("/{}", segs.join("/"));
+            let want = canonical(&plain).unwrap();
+            let i = which % segs.len();
+            let mut with_param = segs.clone();
+            with_param[i] = format!("{};{param}", segs[i]);
+            let mut encoded = segs.clone();
+            encoded[i] = segs[i].bytes().map(|b| format!("%{b:02X}")).collect();
+            for spelling in [
+                format!("/{}", with_param.join("/")),
+                format!("/{}", encoded.join("/")),
+                format!("//{}", segs.join("//")),
+                format!("/./{}", segs.join("/./")),
+                format!("/x/../{}", segs.join("/")),
+                format!("{plain}/"),
+            ] {
+                let got = canonical(&spelling).unwrap();
+                prop_assert_eq!(got.as_str(), want.as_str(), "{}", spelling);
+            }
+        }
+    }
+}
