@@ -742,3 +742,51 @@ async fn admin_actions_need_the_token_when_one_is_configured() {
     assert_eq!(records[0]["detail"], "logout requested by alice");
     assert_eq!(records[0]["user"], DOCTOR);
 }
+
+#[tokio::test]
+async fn an_http2_client_with_closed_windows_holds_nothing_for_long() {
+    use hyper::client::conn::http2;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let echo = crate::support::upstream::Echo::start("emr").await;
+    let gate = crate::support::Gate::start(
+        crate::support::Setup::new(echo.addr, echo.addr)
+            .server("send_timeout = \"500ms\"\nmax_streams_per_connection = 20"),
+    )
+    .await;
+    let tls = gate.client().tls(EMR, &[b"h2"]).await;
+    // Every stream's window closed, and never opened: the client reads nothing.
+    let (send, conn) = http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .initial_connection_window_size(65_535)
+        .handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        let mut send = send.clone();
+        let req = http::Request::get(format!(
+            "https://{EMR}:{}/download?bytes=16777216",
+            gate.addr.port()
+        ))
+        .body(Body::empty())
+        .unwrap();
+        held.push(tokio::spawn(async move {
+            send.ready().await.ok()?;
+            send.send_request(req).await.ok()
+        }));
+    }
+    // ehrgate gives up on the connection: its streams and their upstream requests end.
+    tokio::time::timeout(SOON, conn)
+        .await
+        .expect("the connection of a client that reads nothing is closed")
+        .unwrap()
+        .ok();
+    let (_, metrics) = gate.admin_get("/metrics").await;
+    assert!(metrics.contains("ehrgate_open_connections 0"), "{metrics}");
+    assert!(
+        echo.hits() <= 20,
+        "{} upstream requests for 20 allowed streams",
+        echo.hits()
+    );
+}
