@@ -65,8 +65,11 @@ if ! command -v oha >/dev/null && [ -z "${SKIP_OHA:-}" ]; then
   cargo install oha --locked -q
 fi
 export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release --locked -q
-GATE_BIN=$ROOT/target/release/ehrgate
+# GATE_BIN=path measures another ehrgate build (say, an earlier commit's) the same way.
+if [ -z "${GATE_BIN:-}" ]; then
+  cargo build --release --locked -q
+  GATE_BIN=$ROOT/target/release/ehrgate
+fi
 
 : > "$RESULTS"
 log "# ehrgate load benchmark — $(date -u +%Y-%m-%dT%H:%M:%SZ)"

@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 use tracing::info;
 
 use super::form;
+use super::launch::rng_failed;
 use crate::audit::{Event, Record};
 use crate::body::Body;
 use crate::config::CookieMode;
@@ -27,16 +28,13 @@ impl Gateway {
         conn: &ConnInfo,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Problem> {
-        let query = req.uri().query().unwrap_or("");
-        let Some(ticket_value) = form::value(query, "ticket") else {
-            return Err(self.refuse_ticket(ctx, None, RedeemError::UnknownOrUsed, "enter"));
-        };
-        let hash = TokenHash::of(&ticket_value);
-        let ticket = self.store.peek_ticket(&hash);
-        let now = self.store.now();
-        let emr_live = ticket
-            .as_ref()
-            .is_some_and(|t| self.store.emr(&t.emr).is_some());
+        let Presented {
+            value: ticket_value,
+            hash,
+            ticket,
+            now,
+            emr_live,
+        } = self.presented_ticket(ctx, &req, "enter")?;
         let bound_cookie = cookies::get(req.headers(), BIND_COOKIE).map(str::to_owned);
         let binding = bound_cookie.as_deref().map(TokenHash::of);
         let step = decide::enter_step(ticket.as_ref(), now, emr_live, binding.as_ref())
@@ -208,16 +206,13 @@ impl Gateway {
         ctx: &Ctx,
         req: &Request<Incoming>,
     ) -> Result<Response<Body>, Problem> {
-        let query = req.uri().query().unwrap_or("");
-        let Some(ticket_value) = form::value(query, "ticket") else {
-            return Err(self.refuse_ticket(ctx, None, RedeemError::UnknownOrUsed, "confirm"));
-        };
-        let hash = TokenHash::of(&ticket_value);
-        let ticket = self.store.peek_ticket(&hash);
-        let now = self.store.now();
-        let emr_live = ticket
-            .as_ref()
-            .is_some_and(|t| self.store.emr(&t.emr).is_some());
+        let Presented {
+            value: ticket_value,
+            hash,
+            ticket,
+            now,
+            emr_live,
+        } = self.presented_ticket(ctx, req, "confirm")?;
         let marker_emr = cookies::get_all(req.headers(), EMR_MARKER_COOKIE)
             .find_map(|m| self.store.emr_by_marker(&TokenHash::of(m)))
             .map(|emr| emr.key);
@@ -230,6 +225,32 @@ impl Gateway {
             port_suffix(&ctx.host)
         );
         Ok(redirect(&location))
+    }
+
+    /// The ticket a request to enter or confirm presents, as the store has it now.
+    fn presented_ticket(
+        &self,
+        ctx: &Ctx,
+        req: &Request<Incoming>,
+        step: &str,
+    ) -> Result<Presented, Problem> {
+        let query = req.uri().query().unwrap_or("");
+        let Some(value) = form::value(query, "ticket") else {
+            return Err(self.refuse_ticket(ctx, None, RedeemError::UnknownOrUsed, step));
+        };
+        let value = value.into_owned();
+        let hash = TokenHash::of(&value);
+        let ticket = self.store.peek_ticket(&hash);
+        let emr_live = ticket
+            .as_ref()
+            .is_some_and(|t| self.store.emr(&t.emr).is_some());
+        Ok(Presented {
+            value,
+            hash,
+            ticket,
+            now: self.store.now(),
+            emr_live,
+        })
     }
 
     /// The redirect from enter to the EMR host's confirm.
@@ -288,6 +309,15 @@ impl Gateway {
     }
 }
 
+/// A ticket as presented to enter or confirm.
+struct Presented {
+    value: String,
+    hash: TokenHash,
+    ticket: Option<LaunchTicket>,
+    now: crate::session::Millis,
+    emr_live: bool,
+}
+
 /// `:port` when the browser's Host named one, so the demo and tests on high ports work.
 fn port_suffix(host: &str) -> String {
     route::host_port(host)
@@ -309,13 +339,4 @@ fn redirect(location: &str) -> Response<Body> {
         HeaderValue::from_static("no-referrer"),
     );
     resp
-}
-
-fn rng_failed() -> Problem {
-    Problem::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "rng_unavailable",
-        "Service unavailable",
-        "ehrgate could not make a secure random value.",
-    )
 }

@@ -421,7 +421,7 @@ fn store_full() -> Problem {
     .hint("Try again in a few minutes; tell your IT staff if it persists.")
 }
 
-fn rng_failed() -> Problem {
+pub(super) fn rng_failed() -> Problem {
     Problem::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "rng_unavailable",

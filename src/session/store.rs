@@ -451,17 +451,7 @@ mod tests {
     fn tickets_are_single_use() {
         let store = MemoryStore::new(10);
         let t = TokenHash::of("t");
-        let ticket = LaunchTicket {
-            emr: TokenHash::of("j"),
-            user: "u".into(),
-            authority: Arc::new(authority()),
-            patient: crate::session::decide::tests::patient(),
-            mrp: true,
-            expires: 100,
-            binding: None,
-            confirmed: false,
-        };
-        store.put_ticket(t, ticket).unwrap();
+        store.put_ticket(t, ticket(TokenHash::of("j"))).unwrap();
         assert!(store.take_ticket(&t).is_some());
         assert!(store.take_ticket(&t).is_none());
     }
