@@ -144,7 +144,8 @@ fn tickets(c: &mut Criterion) {
                         mrp: true,
                         expires: 60_000,
                         binding: None,
-                        confirmed: false,
+                        confirm_nonce: None,
+                        redeem_code: None,
                     },
                 )
                 .unwrap();

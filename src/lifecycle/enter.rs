@@ -35,13 +35,32 @@ impl Gateway {
             now,
             emr_live,
         } = self.presented_ticket(ctx, &req, "enter")?;
-        let bound_cookie = cookies::get(req.headers(), BIND_COOKIE).map(str::to_owned);
+        // A binding cookie is reused for every launch of its browser, if it is one of ours.
+        let bound_cookie = cookies::get(req.headers(), BIND_COOKIE)
+            .filter(|v| Token::is_well_formed(v))
+            .map(str::to_owned);
         let binding = bound_cookie.as_deref().map(TokenHash::of);
-        let step = decide::enter_step(ticket.as_ref(), now, emr_live, binding.as_ref())
-            .map_err(|e| self.refuse_ticket(ctx, ticket.as_ref(), e, "enter"))?;
-        let t = match step {
-            EnterStep::Bind => {
-                // The browser's binding cookie, reused for every launch it makes.
+        let code = form::value(req.uri().query().unwrap_or(""), "code").map(|c| TokenHash::of(&c));
+        let step = decide::enter_step(
+            ticket.as_ref(),
+            now,
+            emr_live,
+            binding.as_ref(),
+            code.as_ref(),
+        )
+        .map_err(|e| self.refuse_ticket(ctx, &hash, ticket.as_ref(), e, "enter"))?;
+        let t = match (step, binding, code) {
+            (EnterStep::Redeem, Some(mine), Some(code)) => {
+                match self.store.take_confirmed_ticket(&hash, &mine, &code) {
+                    Some(t) => t,
+                    // Redeemed by a concurrent request of the same browser.
+                    None => {
+                        let e = RedeemError::UnknownOrUsed;
+                        return Err(self.refuse_ticket(ctx, &hash, None, e, "enter"));
+                    }
+                }
+            }
+            _ => {
                 let value = match bound_cookie {
                     Some(v) => v,
                     None => Token::generate()
@@ -50,7 +69,8 @@ impl Gateway {
                         .to_owned(),
                 };
                 let mine = TokenHash::of(&value);
-                let bound = self.store.bind_ticket(&hash, mine);
+                let nonce = Token::generate().map_err(|_| rng_failed())?;
+                let bound = self.store.bind_ticket(&hash, mine, nonce.hash());
                 if !bound
                     .as_ref()
                     .and_then(|t| t.binding.as_ref())
@@ -62,30 +82,21 @@ impl Gateway {
                     } else {
                         RedeemError::UnknownOrUsed
                     };
-                    return Err(self.refuse_ticket(ctx, bound.as_ref(), e, "enter"));
+                    return Err(self.refuse_ticket(ctx, &hash, bound.as_ref(), e, "enter"));
                 }
-                let mut resp = self.to_confirm(ctx, &ticket_value);
+                // The nonce goes to this browser alone, in a redirect no page can read.
+                let location = format!(
+                    "https://{}{}/.ehrgate/confirm?ticket={ticket_value}&nonce={}",
+                    self.config.emr.host,
+                    port_suffix(&ctx.host),
+                    nonce.as_str()
+                );
+                let mut resp = redirect(&location);
                 resp.headers_mut().append(
                     SET_COOKIE,
                     cookies::set_for(BIND_COOKIE, &value, self.config.session.ticket_ttl.get()),
                 );
                 return Ok(resp);
-            }
-            EnterStep::Confirm => return Ok(self.to_confirm(ctx, &ticket_value)),
-            EnterStep::Redeem => {
-                let mine = binding.unwrap_or(hash);
-                match self.store.take_confirmed_ticket(&hash, &mine) {
-                    Some(t) => t,
-                    // Redeemed by a concurrent request of the same browser.
-                    None => {
-                        return Err(self.refuse_ticket(
-                            ctx,
-                            None,
-                            RedeemError::UnknownOrUsed,
-                            "enter",
-                        ))
-                    }
-                }
             }
         };
         let hcn_hmac = self.audit.hcn_hmac(&t.patient.hcn);
@@ -216,13 +227,29 @@ impl Gateway {
         let marker_emr = cookies::get_all(req.headers(), EMR_MARKER_COOKIE)
             .find_map(|m| self.store.emr_by_marker(&TokenHash::of(m)))
             .map(|emr| emr.key);
-        decide::confirm(ticket.as_ref(), now, emr_live, marker_emr.as_ref())
-            .map_err(|e| self.refuse_ticket(ctx, ticket.as_ref(), e, "confirm"))?;
-        self.store.confirm_ticket(&hash);
+        let nonce =
+            form::value(req.uri().query().unwrap_or(""), "nonce").map(|n| TokenHash::of(&n));
+        decide::confirm(
+            ticket.as_ref(),
+            now,
+            emr_live,
+            marker_emr.as_ref(),
+            nonce.as_ref(),
+        )
+        .map_err(|e| self.refuse_ticket(ctx, &hash, ticket.as_ref(), e, "confirm"))?;
+        let code = Token::generate().map_err(|_| rng_failed())?;
+        let spent = nonce.is_some_and(|n| self.store.confirm_ticket(&hash, &n, code.hash()));
+        if !spent {
+            // The nonce was used meanwhile: this is not the round trip it was made for.
+            let e = RedeemError::OtherBrowser;
+            return Err(self.refuse_ticket(ctx, &hash, ticket.as_ref(), e, "confirm"));
+        }
+        // The code goes to this browser alone; with the binding it redeems the ticket.
         let location = format!(
-            "https://{}{}/.ehrgate/enter?ticket={ticket_value}",
+            "https://{}{}/.ehrgate/enter?ticket={ticket_value}&code={}",
             self.config.ehr.host,
-            port_suffix(&ctx.host)
+            port_suffix(&ctx.host),
+            code.as_str()
         );
         Ok(redirect(&location))
     }
@@ -236,7 +263,8 @@ impl Gateway {
     ) -> Result<Presented, Problem> {
         let query = req.uri().query().unwrap_or("");
         let Some(value) = form::value(query, "ticket") else {
-            return Err(self.refuse_ticket(ctx, None, RedeemError::UnknownOrUsed, step));
+            let nothing = TokenHash::of("");
+            return Err(self.refuse_ticket(ctx, &nothing, None, RedeemError::UnknownOrUsed, step));
         };
         let value = value.into_owned();
         let hash = TokenHash::of(&value);
@@ -253,25 +281,21 @@ impl Gateway {
         })
     }
 
-    /// The redirect from enter to the EMR host's confirm.
-    fn to_confirm(&self, ctx: &Ctx, ticket_value: &str) -> Response<Body> {
-        let location = format!(
-            "https://{}{}/.ehrgate/confirm?ticket={ticket_value}",
-            self.config.emr.host,
-            port_suffix(&ctx.host)
-        );
-        redirect(&location)
-    }
-
     /// A refused ticket: 410 when it is unknown, used, expired or its EMR session ended
-    /// ("relaunch from the EMR"); 403 when another browser holds it. Audited as `deny`.
+    /// ("relaunch from the EMR"); 403 when another browser presented it, and then the
+    /// ticket is spent, so that nothing another browser did can make it work later.
+    /// Audited as `deny`.
     fn refuse_ticket(
         &self,
         ctx: &Ctx,
+        hash: &TokenHash,
         ticket: Option<&LaunchTicket>,
         e: RedeemError,
         step: &str,
     ) -> Problem {
+        if e == RedeemError::OtherBrowser {
+            self.store.take_ticket(hash);
+        }
         let why = match e {
             RedeemError::UnknownOrUsed => "unknown or used ticket",
             RedeemError::Expired => "expired ticket",

@@ -224,7 +224,8 @@ impl Gateway {
                     mrp,
                     expires: now + self.limits.ticket_ttl,
                     binding: None,
-                    confirmed: false,
+                    confirm_nonce: None,
+                    redeem_code: None,
                 },
             )
             .map_err(|_| denied("ticket store full", store_full()))?;

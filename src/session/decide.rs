@@ -173,47 +173,54 @@ pub enum RedeemError {
 /// it (DESIGN §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnterStep {
-    /// First visit: bind the ticket to this browser, then have the EMR host confirm that
-    /// the browser's EMR session is the ticket's.
+    /// First visit, or a return without a valid code: bind the ticket to this browser
+    /// (again) with a fresh nonce, and send the browser to the EMR host to confirm that
+    /// its EMR session is the ticket's.
     Bind,
-    /// Bound to this browser, not yet confirmed: to the EMR host again.
-    Confirm,
-    /// Bound to this browser and confirmed: redeem it.
+    /// Bound to this browser and confirmed with the code it brings: redeem it.
     Redeem,
 }
 
-/// The step enter takes for `ticket`, visited by a browser holding `binding` (the hash of
-/// its binding cookie, if any).
+/// The step enter takes for `ticket`, visited by a browser holding `binding` (the hash
+/// of its binding cookie, if any) and bringing `code` (the hash of the code confirm gave
+/// it, if any).
 pub fn enter_step(
     ticket: Option<&LaunchTicket>,
     now: Millis,
     emr_live: bool,
     binding: Option<&TokenHash>,
+    code: Option<&TokenHash>,
 ) -> Result<EnterStep, RedeemError> {
     redeem(ticket, now, emr_live)?;
     let t = ticket.ok_or(RedeemError::UnknownOrUsed)?;
-    match (&t.binding, binding) {
-        (None, _) => Ok(EnterStep::Bind),
-        (Some(bound), Some(mine)) if bound.ct_eq(mine) => Ok(if t.confirmed {
-            EnterStep::Redeem
-        } else {
-            EnterStep::Confirm
-        }),
-        _ => Err(RedeemError::OtherBrowser),
+    let Some(bound) = &t.binding else {
+        return Ok(EnterStep::Bind);
+    };
+    if !binding.is_some_and(|mine| bound.ct_eq(mine)) {
+        return Err(RedeemError::OtherBrowser);
     }
+    let confirmed = matches!((&t.redeem_code, code), (Some(c), Some(given)) if c.ct_eq(given));
+    Ok(if confirmed {
+        EnterStep::Redeem
+    } else {
+        EnterStep::Bind
+    })
 }
 
-/// May the EMR host confirm `ticket` for a browser whose EMR marker names `marker_emr`?
-/// Only a ticket already bound at enter, and only for the ticket's own EMR session.
+/// May the EMR host confirm `ticket` for a browser whose EMR marker names `marker_emr`
+/// and that brings `nonce`? Only a ticket bound at enter, only with the nonce enter gave
+/// the bound browser, and only for the ticket's own EMR session.
 pub fn confirm(
     ticket: Option<&LaunchTicket>,
     now: Millis,
     emr_live: bool,
     marker_emr: Option<&TokenHash>,
+    nonce: Option<&TokenHash>,
 ) -> Result<(), RedeemError> {
     redeem(ticket, now, emr_live)?;
     let t = ticket.ok_or(RedeemError::UnknownOrUsed)?;
-    if t.binding.is_some() && marker_emr.is_some_and(|m| m.ct_eq(&t.emr)) {
+    let nonce_ok = matches!((&t.confirm_nonce, nonce), (Some(n), Some(given)) if n.ct_eq(given));
+    if t.binding.is_some() && nonce_ok && marker_emr.is_some_and(|m| m.ct_eq(&t.emr)) {
         Ok(())
     } else {
         Err(RedeemError::OtherBrowser)
@@ -419,7 +426,8 @@ pub(crate) mod tests {
             mrp: true,
             expires: 100,
             binding: None,
-            confirmed: false,
+            confirm_nonce: None,
+            redeem_code: None,
         };
         assert_eq!(redeem(Some(&t), 50, true), Ok(()));
         assert_eq!(redeem(Some(&t), 100, true), Err(RedeemError::Expired));
@@ -513,6 +521,8 @@ pub(crate) mod tests {
         let emr = TokenHash::of("emr");
         let mine = TokenHash::of("my binding");
         let theirs = TokenHash::of("their binding");
+        let nonce = TokenHash::of("nonce");
+        let code = TokenHash::of("code");
         let mut t = LaunchTicket {
             emr,
             user: "u".into(),
@@ -521,60 +531,78 @@ pub(crate) mod tests {
             mrp: true,
             expires: 100,
             binding: None,
-            confirmed: false,
+            confirm_nonce: None,
+            redeem_code: None,
         };
-        assert_eq!(enter_step(Some(&t), 50, true, None), Ok(EnterStep::Bind));
         assert_eq!(
-            enter_step(Some(&t), 50, true, Some(&theirs)),
+            enter_step(Some(&t), 50, true, None, None),
+            Ok(EnterStep::Bind)
+        );
+        assert_eq!(
+            enter_step(Some(&t), 50, true, Some(&theirs), Some(&code)),
             Ok(EnterStep::Bind)
         );
         // Confirm before any enter: refused.
+        let refused = Err(RedeemError::OtherBrowser);
         assert_eq!(
-            confirm(Some(&t), 50, true, Some(&emr)),
-            Err(RedeemError::OtherBrowser)
+            confirm(Some(&t), 50, true, Some(&emr), Some(&nonce)),
+            refused
         );
         t.binding = Some(mine);
+        t.confirm_nonce = Some(nonce);
+        // The bound browser, back without a code: bound again (a fresh nonce).
         assert_eq!(
-            enter_step(Some(&t), 50, true, Some(&mine)),
-            Ok(EnterStep::Confirm)
+            enter_step(Some(&t), 50, true, Some(&mine), None),
+            Ok(EnterStep::Bind)
         );
         for other in [None, Some(&theirs)] {
             assert_eq!(
-                enter_step(Some(&t), 50, true, other),
+                enter_step(Some(&t), 50, true, other, Some(&code)),
                 Err(RedeemError::OtherBrowser)
             );
         }
-        // Only the ticket's own EMR session confirms.
+        // Only the ticket's own EMR session, and only with the bound browser's nonce.
         let stranger = TokenHash::of("another emr session");
         assert_eq!(
-            confirm(Some(&t), 50, true, Some(&stranger)),
-            Err(RedeemError::OtherBrowser)
+            confirm(Some(&t), 50, true, Some(&stranger), Some(&nonce)),
+            refused
+        );
+        assert_eq!(confirm(Some(&t), 50, true, None, Some(&nonce)), refused);
+        assert_eq!(confirm(Some(&t), 50, true, Some(&emr), None), refused);
+        assert_eq!(
+            confirm(Some(&t), 50, true, Some(&emr), Some(&code)),
+            refused
         );
         assert_eq!(
-            confirm(Some(&t), 50, true, None),
-            Err(RedeemError::OtherBrowser)
+            confirm(Some(&t), 50, true, Some(&emr), Some(&nonce)),
+            Ok(())
         );
-        assert_eq!(confirm(Some(&t), 50, true, Some(&emr)), Ok(()));
-        t.confirmed = true;
+        t.confirm_nonce = None;
+        t.redeem_code = Some(code);
         assert_eq!(
-            enter_step(Some(&t), 50, true, Some(&mine)),
+            enter_step(Some(&t), 50, true, Some(&mine), Some(&code)),
             Ok(EnterStep::Redeem)
         );
+        // The code alone, in another browser, is nothing.
         assert_eq!(
-            enter_step(Some(&t), 50, true, Some(&theirs)),
+            enter_step(Some(&t), 50, true, Some(&theirs), Some(&code)),
             Err(RedeemError::OtherBrowser)
+        );
+        assert_eq!(
+            enter_step(Some(&t), 50, true, Some(&mine), Some(&nonce)),
+            Ok(EnterStep::Bind)
         );
         // Time and the EMR session still rule.
         assert_eq!(
-            enter_step(Some(&t), 100, true, Some(&mine)),
+            enter_step(Some(&t), 100, true, Some(&mine), Some(&code)),
             Err(RedeemError::Expired)
         );
         assert_eq!(
-            enter_step(Some(&t), 50, false, Some(&mine)),
+            enter_step(Some(&t), 50, false, Some(&mine), Some(&code)),
             Err(RedeemError::EmrSessionEnded)
         );
         assert_eq!(
-            confirm(None, 50, true, Some(&emr)),
+            confirm(None, 50, true, Some(&emr), Some(&nonce)),
             Err(RedeemError::UnknownOrUsed)
         );
     }

@@ -281,6 +281,10 @@ pub struct LaunchTicket {
     pub expires: Millis,
     /// Hash of the binding cookie of the browser that first visited enter with it.
     pub binding: Option<TokenHash>,
-    /// Set when that browser's EMR marker was found to name the ticket's EMR session.
-    pub confirmed: bool,
+    /// Hash of the nonce sent only to that browser, in its redirect to confirm: confirm
+    /// is accepted only from the browser that holds the binding.
+    pub confirm_nonce: Option<TokenHash>,
+    /// Hash of the code confirm sent only to the confirming browser, in its redirect back
+    /// to enter: the ticket is redeemed only with the binding and this code together.
+    pub redeem_code: Option<TokenHash>,
 }

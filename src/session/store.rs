@@ -55,14 +55,26 @@ pub trait SessionStore: Send + Sync + 'static {
     fn take_ticket(&self, hash: &TokenHash) -> Option<LaunchTicket>;
     /// A copy of a ticket, left in place.
     fn peek_ticket(&self, hash: &TokenHash) -> Option<LaunchTicket>;
-    /// Binds an unbound ticket to a browser's binding; returns the ticket as it now is
-    /// (bound to `binding`, or to the browser that was first).
-    fn bind_ticket(&self, hash: &TokenHash, binding: TokenHash) -> Option<LaunchTicket>;
-    /// Marks a ticket confirmed by its EMR session's browser.
-    fn confirm_ticket(&self, hash: &TokenHash) -> bool;
-    /// Takes a ticket out only if it is confirmed and bound to `binding` (atomic: two
-    /// redemptions at once, exactly one wins).
-    fn take_confirmed_ticket(&self, hash: &TokenHash, binding: &TokenHash) -> Option<LaunchTicket>;
+    /// Binds an unbound ticket to a browser's binding with a fresh confirm nonce, or gives
+    /// the browser it is already bound to a fresh nonce (any code issued is void); returns
+    /// the ticket as it now is (bound to `binding`, or to the browser that was first).
+    fn bind_ticket(
+        &self,
+        hash: &TokenHash,
+        binding: TokenHash,
+        nonce: TokenHash,
+    ) -> Option<LaunchTicket>;
+    /// Spends the ticket's confirm nonce, if it is `nonce`, and records the redeem code;
+    /// returns whether it did (atomic: a nonce confirms once).
+    fn confirm_ticket(&self, hash: &TokenHash, nonce: &TokenHash, code: TokenHash) -> bool;
+    /// Takes a ticket out only if it is bound to `binding` and confirmed with `code`
+    /// (atomic: two redemptions at once, exactly one wins).
+    fn take_confirmed_ticket(
+        &self,
+        hash: &TokenHash,
+        binding: &TokenHash,
+        code: &TokenHash,
+    ) -> Option<LaunchTicket>;
     /// Drops tickets expired by `now`; returns how many.
     fn drop_expired_tickets(&self, now: Millis) -> usize;
 
@@ -228,25 +240,49 @@ impl SessionStore for MemoryStore {
         self.tickets.get(hash).map(|t| t.clone())
     }
 
-    fn bind_ticket(&self, hash: &TokenHash, binding: TokenHash) -> Option<LaunchTicket> {
+    fn bind_ticket(
+        &self,
+        hash: &TokenHash,
+        binding: TokenHash,
+        nonce: TokenHash,
+    ) -> Option<LaunchTicket> {
         let mut t = self.tickets.get_mut(hash)?;
-        if t.binding.is_none() {
-            t.binding = Some(binding);
+        match t.binding {
+            None => {
+                t.binding = Some(binding);
+                t.confirm_nonce = Some(nonce);
+            }
+            Some(b) if b.ct_eq(&binding) => {
+                t.confirm_nonce = Some(nonce);
+                t.redeem_code = None;
+            }
+            Some(_) => {}
         }
         Some(t.clone())
     }
 
-    fn confirm_ticket(&self, hash: &TokenHash) -> bool {
-        self.tickets
-            .get_mut(hash)
-            .map(|mut t| t.confirmed = true)
-            .is_some()
+    fn confirm_ticket(&self, hash: &TokenHash, nonce: &TokenHash, code: TokenHash) -> bool {
+        let Some(mut t) = self.tickets.get_mut(hash) else {
+            return false;
+        };
+        if !t.confirm_nonce.as_ref().is_some_and(|n| n.ct_eq(nonce)) {
+            return false;
+        }
+        t.confirm_nonce = None;
+        t.redeem_code = Some(code);
+        true
     }
 
-    fn take_confirmed_ticket(&self, hash: &TokenHash, binding: &TokenHash) -> Option<LaunchTicket> {
+    fn take_confirmed_ticket(
+        &self,
+        hash: &TokenHash,
+        binding: &TokenHash,
+        code: &TokenHash,
+    ) -> Option<LaunchTicket> {
         self.tickets
             .remove_if(hash, |_, t| {
-                t.confirmed && t.binding.as_ref().is_some_and(|b| b.ct_eq(binding))
+                t.binding.as_ref().is_some_and(|b| b.ct_eq(binding))
+                    && t.redeem_code.as_ref().is_some_and(|c| c.ct_eq(code))
             })
             .map(|(_, t)| t)
     }
@@ -370,7 +406,8 @@ mod tests {
             mrp: true,
             expires: 100,
             binding: None,
-            confirmed: false,
+            confirm_nonce: None,
+            redeem_code: None,
         }
     }
 
@@ -378,23 +415,40 @@ mod tests {
     fn a_ticket_is_redeemed_once_by_its_bound_browser_under_concurrency() {
         let store = Arc::new(MemoryStore::new(10));
         let t = TokenHash::of("t");
-        let mine = TokenHash::of("binding");
+        let (mine, nonce, code) = (
+            TokenHash::of("binding"),
+            TokenHash::of("nonce"),
+            TokenHash::of("code"),
+        );
         store.put_ticket(t, ticket(TokenHash::of("j"))).unwrap();
-        assert_eq!(store.bind_ticket(&t, mine).unwrap().binding, Some(mine));
+        assert_eq!(
+            store.bind_ticket(&t, mine, nonce).unwrap().binding,
+            Some(mine)
+        );
         // A second binding does not replace the first.
         let other = TokenHash::of("other");
-        assert_eq!(store.bind_ticket(&t, other).unwrap().binding, Some(mine));
+        let seen = store.bind_ticket(&t, other, TokenHash::of("n2")).unwrap();
+        assert_eq!(seen.binding, Some(mine));
+        assert_eq!(seen.confirm_nonce, Some(nonce));
         assert!(
-            store.take_confirmed_ticket(&t, &mine).is_none(),
+            store.take_confirmed_ticket(&t, &mine, &code).is_none(),
             "not confirmed"
         );
-        assert!(store.confirm_ticket(&t));
-        assert!(store.take_confirmed_ticket(&t, &other).is_none());
+        assert!(!store.confirm_ticket(&t, &TokenHash::of("wrong nonce"), code));
+        assert!(store.confirm_ticket(&t, &nonce, code));
+        assert!(
+            !store.confirm_ticket(&t, &nonce, code),
+            "a nonce confirms once"
+        );
+        assert!(store.take_confirmed_ticket(&t, &other, &code).is_none());
+        assert!(store.take_confirmed_ticket(&t, &mine, &nonce).is_none());
         let winners: usize = std::thread::scope(|s| {
             let handles: Vec<_> = (0..8)
                 .map(|_| {
                     let store = store.clone();
-                    s.spawn(move || store.take_confirmed_ticket(&t, &mine).is_some() as usize)
+                    s.spawn(move || {
+                        store.take_confirmed_ticket(&t, &mine, &code).is_some() as usize
+                    })
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).sum()

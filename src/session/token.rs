@@ -26,6 +26,14 @@ impl Token {
         &self.0
     }
 
+    /// Whether `text` has the shape of a token ehrgate makes (43 base64url characters).
+    pub fn is_well_formed(text: &str) -> bool {
+        text.len() == 43
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }
+
     pub fn hash(&self) -> TokenHash {
         TokenHash::of(&self.0)
     }

@@ -355,7 +355,7 @@ async fn forged_context_headers_never_reach_the_viewer() {
     assert_eq!(confirmed.status, 303, "{}", confirmed.text());
     // A forged assertion on the enter request itself is replaced by ehrgate's.
     let req = browser
-        .request(EHR, "GET", ticket_path)
+        .request(EHR, "GET", path_of(&confirmed))
         .header("x-ehr-context", "eyJhbGciOiJub25lIn0.e30.")
         .header("x_ehr_context", "eyJhbGciOiJub25lIn0.e30.")
         .body(Body::empty())

@@ -280,24 +280,19 @@ async fn a_ticket_sent_to_another_browser_opens_nothing() {
     let confirm = a.get(EMR, path_of(&first)).await;
     assert_eq!(confirm.status, 403, "{}", confirm.text());
     assert!(confirm.text().contains("Relaunch from the EMR"));
-    // Nor does coming back to enter help: it sends A to confirm again, which refuses.
-    let again = a.viewer_get(&enter_path(&launch)).await;
-    assert_eq!(again.status, 303);
-    assert_eq!(a.get(EMR, path_of(&again)).await.status, 403);
+    // The refusal spends the ticket: coming back opens nothing, for A or for B.
+    assert_eq!(a.viewer_get(&enter_path(&launch)).await.status, 410);
+    assert_eq!(b.enter(&launch).await.status, 410);
     assert_eq!(
         clinic.viewer.launches().len(),
         launches_before,
         "nothing signed for A"
     );
-    // A's own viewer session is A's, untouched; B's link is spent for B too (relaunch).
-    assert_eq!(b.enter(&launch).await.status, 403);
     let denies = clinic.audit_events("deny");
     assert!(
         denies
             .iter()
-            .filter(|d| d["detail"].as_str().unwrap().contains("another browser"))
-            .count()
-            >= 3,
+            .any(|d| d["detail"].as_str().unwrap().contains("another browser")),
         "{denies:?}"
     );
     // B relaunches and gets in.
@@ -308,22 +303,23 @@ async fn a_ticket_sent_to_another_browser_opens_nothing() {
 async fn a_ticket_bound_to_its_browser_refuses_every_other() {
     let clinic = Clinic::start().await;
     let b = clinic.browser(DOCTOR);
-    let launch = b.launch("1001", None).await;
-    let first = b.viewer_get(&enter_path(&launch)).await;
-    assert_eq!(first.status, 303);
-
-    // A page navigates another browser to the same ticket: refused at once.
     for stranger in [
         Browser::new(clinic.gate.client()),
         clinic.browser(OTHER_DOCTOR),
     ] {
+        let launch = b.launch("1001", None).await;
+        let first = b.viewer_get(&enter_path(&launch)).await;
+        assert_eq!(first.status, 303);
+        // A page navigates another browser to the same ticket: refused at once, and
+        // the ticket is spent.
         let r = stranger.viewer_get(&enter_path(&launch)).await;
         assert_eq!(r.status, 403, "{}", r.text());
         assert!(stranger.cookie(EHR, "__Host-ehrgate").is_none());
-        // Going to confirm directly does not help either.
-        assert_eq!(stranger.get(EMR, path_of(&first)).await.status, 403);
+        assert_eq!(b.get(EMR, path_of(&first)).await.status, 410);
     }
-    // B's own round trip completes.
+    // Undisturbed, B's own round trip completes.
+    let launch = b.launch("1001", None).await;
+    let first = b.viewer_get(&enter_path(&launch)).await;
     let confirmed = b.get(EMR, path_of(&first)).await;
     assert_eq!(confirmed.status, 303);
     let entered = b.viewer_get(path_of(&confirmed)).await;
@@ -332,124 +328,66 @@ async fn a_ticket_bound_to_its_browser_refuses_every_other() {
     assert_eq!(clinic.viewer.launches()[0].0["sub"], DOCTOR);
 }
 
+/// A page of the attacker's navigates the victim's browser to the attacker's own ticket,
+/// and the attacker confirms it himself: the victim must not enter the attacker's EHR
+/// session (where the victim's ONE ID login would land in the attacker's vault).
+#[tokio::test]
+async fn a_victim_cannot_be_entered_into_an_attackers_session() {
+    let clinic = Clinic::start().await;
+    let attacker = clinic.browser(OTHER_DOCTOR);
+    let victim = clinic.browser(DOCTOR);
+    let launch = attacker.launch("1002", None).await;
+    let enter = enter_path(&launch);
+    // The victim's browser binds the ticket and is sent to confirm (which it fails).
+    let first = victim.viewer_get(&enter).await;
+    assert_eq!(first.status, 303);
+    // The attacker confirms with his own marker, without the nonce only the victim saw.
+    let bare_confirm = enter.replace("/enter?", "/confirm?");
+    assert_eq!(attacker.get(EMR, &bare_confirm).await.status, 403);
+    // Even with the nonce (had it leaked), his marker is not what confirms the victim.
+    assert_ne!(victim.viewer_get(&enter).await.status, 302);
+    assert!(victim.cookie(EHR, "__Host-ehrgate").is_none());
+    assert!(clinic.viewer.launches().is_empty());
+}
+
+/// A colleague binds the owner's ticket and sends the owner a confirm link: the owner's
+/// confirmation does not make the colleague's browser redeem it.
+#[tokio::test]
+async fn a_confirm_link_sent_to_the_owner_does_not_open_the_colleagues_browser() {
+    let clinic = Clinic::start().await;
+    let owner = clinic.browser(DOCTOR);
+    let colleague = clinic.browser(OTHER_DOCTOR);
+    let launch = owner.launch("1001", None).await;
+    let enter = enter_path(&launch);
+    // The colleague binds it and stops at the redirect, keeping the confirm URL.
+    let first = colleague.viewer_get(&enter).await;
+    assert_eq!(first.status, 303);
+    // The owner opens that confirm link: its answer (with the code) goes to the owner.
+    let confirmed = owner.get(EMR, path_of(&first)).await;
+    assert_eq!(confirmed.status, 303);
+    // The colleague, without the code, gets nothing; the owner, without the binding,
+    // neither.
+    assert_ne!(colleague.viewer_get(&enter).await.status, 302);
+    assert_ne!(owner.viewer_get(path_of(&confirmed)).await.status, 302);
+    assert!(clinic.viewer.launches().is_empty());
+    assert!(colleague.cookie(EHR, "__Host-ehrgate").is_none());
+    assert!(owner.cookie(EHR, "__Host-ehrgate").is_none());
+}
+
 #[tokio::test]
 async fn confirm_needs_a_bound_ticket_and_only_get_redeems() {
     let clinic = Clinic::start().await;
     let b = clinic.browser(DOCTOR);
     let launch = b.launch("1001", None).await;
-    let ticket = enter_path(&launch);
-    let confirm_path = ticket.replace("/enter?", "/confirm?");
-    // Straight to confirm, before enter bound the ticket.
-    assert_eq!(b.get(EMR, &confirm_path).await.status, 403);
+    let confirm_path = enter_path(&launch).replace("/enter?", "/confirm?");
     let req = b
         .request(EMR, "POST", &confirm_path)
         .body(Body::empty())
         .unwrap();
     assert_eq!(b.send(EMR, req).await.status, 405);
-    // The ticket is still good for its own browser.
-    assert_eq!(b.enter(&launch).await.status, 302);
-}
-
-#[tokio::test]
-async fn a_streamed_viewer_response_is_cut_at_sign_out() {
-    use http_body_util::BodyExt;
-    let clinic = Clinic::start().await;
-    let browser = connected(&clinic).await;
-    let client = clinic.gate.client();
-    // Over HTTP/1.1 and HTTP/2 at once.
-    let mut h1 = client.h1(EHR).await;
-    let mut h2 = client.h2(EHR).await;
-    let req = browser
-        .request(EHR, "GET", "/stream")
-        .body(Body::empty())
-        .unwrap();
-    let one = h1.send(req).await;
-    let (mut parts, body) = browser
-        .request(EHR, "GET", "/stream")
-        .body(Body::empty())
-        .unwrap()
-        .into_parts();
-    parts.uri = format!("https://{EHR}:{}/stream", clinic.gate.addr.port())
-        .parse()
-        .unwrap();
-    parts.headers.remove("host");
-    h2.send.ready().await.unwrap();
-    let two = h2
-        .send
-        .send_request(http::Request::from_parts(parts, body))
-        .await
-        .unwrap();
-    let mut bodies = [one.into_body(), two.into_body()];
-    for b in bodies.iter_mut() {
-        let first = b.frame().await.unwrap().unwrap();
-        assert!(first.into_data().unwrap().starts_with(b"tick"));
-    }
-
-    assert_eq!(browser.emr_get("/oscar/logout.jsp").await.status, 302);
-    for (i, b) in bodies.iter_mut().enumerate() {
-        // What was already on its way may still arrive; then the stream ends visibly.
-        let mut after = 0;
-        let end = loop {
-            match tokio::time::timeout(SOON, b.frame())
-                .await
-                .expect("cut, not left open")
-            {
-                Some(Ok(_)) => after += 1,
-                Some(Err(e)) => break Some(e),
-                None => break None,
-            }
-        };
-        assert!(
-            end.is_some(),
-            "stream {i} ended as if complete after {after} chunks"
-        );
-        assert!(after <= 5, "stream {i}: {after} chunks after the sign-out");
-    }
-}
-
-#[tokio::test]
-async fn event_streams_are_capped_per_session() {
-    let clinic = Clinic::start().await;
-    let browser = connected(&clinic).await;
-    let mut open = Vec::new();
-    let mut h2 = clinic.gate.client().h2(EHR).await;
-    let cookie = format!(
-        "__Host-ehrgate={}",
-        browser.cookie(EHR, "__Host-ehrgate").unwrap()
-    );
-    let mut statuses = Vec::new();
-    for _ in 0..ehrgate::lifecycle::MAX_STREAMS_PER_SESSION + 3 {
-        let req = h2
-            .request(EHR, "/.ehrgate/events")
-            .header("cookie", &cookie)
-            .body(Body::empty())
-            .unwrap();
-        h2.send.ready().await.unwrap();
-        let resp = h2.send.send_request(req).await.unwrap();
-        statuses.push(resp.status().as_u16());
-        open.push(resp);
-    }
-    let max = ehrgate::lifecycle::MAX_STREAMS_PER_SESSION as usize;
-    assert!(statuses[..max].iter().all(|s| *s == 200), "{statuses:?}");
-    assert!(statuses[max..].iter().all(|s| *s == 429), "{statuses:?}");
-    // Closing one frees its place.
-    open.truncate(max - 1);
-    let mut again = 0;
-    for _ in 0..200 {
-        let req = h2
-            .request(EHR, "/.ehrgate/events")
-            .header("cookie", &cookie)
-            .body(Body::empty())
-            .unwrap();
-        h2.send.ready().await.unwrap();
-        let resp = h2.send.send_request(req).await.unwrap();
-        again = resp.status().as_u16();
-        if again == 200 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    assert_eq!(again, 200);
+    // Straight to confirm, before enter bound the ticket: refused, and the ticket spent.
+    assert_eq!(b.get(EMR, &confirm_path).await.status, 403);
+    assert_eq!(b.enter(&launch).await.status, 410);
 }
 
 #[tokio::test]
@@ -789,4 +727,106 @@ async fn an_http2_client_with_closed_windows_holds_nothing_for_long() {
         "{} upstream requests for 20 allowed streams",
         echo.hits()
     );
+}
+
+#[tokio::test]
+async fn a_streamed_viewer_response_is_cut_at_sign_out() {
+    use http_body_util::BodyExt;
+    let clinic = Clinic::start().await;
+    let browser = connected(&clinic).await;
+    let client = clinic.gate.client();
+    // Over HTTP/1.1 and HTTP/2 at once.
+    let mut h1 = client.h1(EHR).await;
+    let mut h2 = client.h2(EHR).await;
+    let req = browser
+        .request(EHR, "GET", "/stream")
+        .body(Body::empty())
+        .unwrap();
+    let one = h1.send(req).await;
+    let (mut parts, body) = browser
+        .request(EHR, "GET", "/stream")
+        .body(Body::empty())
+        .unwrap()
+        .into_parts();
+    parts.uri = format!("https://{EHR}:{}/stream", clinic.gate.addr.port())
+        .parse()
+        .unwrap();
+    parts.headers.remove("host");
+    h2.send.ready().await.unwrap();
+    let two = h2
+        .send
+        .send_request(http::Request::from_parts(parts, body))
+        .await
+        .unwrap();
+    let mut bodies = [one.into_body(), two.into_body()];
+    for b in bodies.iter_mut() {
+        let first = b.frame().await.unwrap().unwrap();
+        assert!(first.into_data().unwrap().starts_with(b"tick"));
+    }
+
+    assert_eq!(browser.emr_get("/oscar/logout.jsp").await.status, 302);
+    for (i, b) in bodies.iter_mut().enumerate() {
+        // What was already on its way may still arrive; then the stream ends visibly.
+        let mut after = 0;
+        let end = loop {
+            match tokio::time::timeout(SOON, b.frame())
+                .await
+                .expect("cut, not left open")
+            {
+                Some(Ok(_)) => after += 1,
+                Some(Err(e)) => break Some(e),
+                None => break None,
+            }
+        };
+        assert!(
+            end.is_some(),
+            "stream {i} ended as if complete after {after} chunks"
+        );
+        assert!(after <= 5, "stream {i}: {after} chunks after the sign-out");
+    }
+}
+
+#[tokio::test]
+async fn event_streams_are_capped_per_session() {
+    let clinic = Clinic::start().await;
+    let browser = connected(&clinic).await;
+    let mut open = Vec::new();
+    let mut h2 = clinic.gate.client().h2(EHR).await;
+    let cookie = format!(
+        "__Host-ehrgate={}",
+        browser.cookie(EHR, "__Host-ehrgate").unwrap()
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..ehrgate::lifecycle::MAX_STREAMS_PER_SESSION + 3 {
+        let req = h2
+            .request(EHR, "/.ehrgate/events")
+            .header("cookie", &cookie)
+            .body(Body::empty())
+            .unwrap();
+        h2.send.ready().await.unwrap();
+        let resp = h2.send.send_request(req).await.unwrap();
+        statuses.push(resp.status().as_u16());
+        open.push(resp);
+    }
+    let max = ehrgate::lifecycle::MAX_STREAMS_PER_SESSION as usize;
+    assert!(statuses[..max].iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(statuses[max..].iter().all(|s| *s == 429), "{statuses:?}");
+    // Closing one frees its place.
+    open.truncate(max - 1);
+    let mut again = 0;
+    for _ in 0..200 {
+        let req = h2
+            .request(EHR, "/.ehrgate/events")
+            .header("cookie", &cookie)
+            .body(Body::empty())
+            .unwrap();
+        h2.send.ready().await.unwrap();
+        let resp = h2.send.send_request(req).await.unwrap();
+        again = resp.status().as_u16();
+        if again == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(again, 200);
 }
