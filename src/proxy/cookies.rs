@@ -76,6 +76,30 @@ pub fn without_own(headers: &HeaderMap) -> Option<Option<HeaderValue>> {
     })
 }
 
+/// Removes an upstream's `Set-Cookie` for any of ehrgate's cookie names: no upstream may
+/// plant or replace a cookie ehrgate relies on.
+pub fn strip_own_set_cookie(headers: &mut HeaderMap) {
+    use http::header::SET_COOKIE;
+    let own = |v: &HeaderValue| {
+        v.as_bytes()
+            .trim_ascii_start()
+            .starts_with(OWN_PREFIX.as_bytes())
+    };
+    if !headers.get_all(SET_COOKIE).iter().any(own) {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(SET_COOKIE)
+        .iter()
+        .filter(|v| !own(v))
+        .cloned()
+        .collect();
+    headers.remove(SET_COOKIE);
+    for v in kept {
+        headers.append(SET_COOKIE, v);
+    }
+}
+
 /// `Set-Cookie` for one of ehrgate's `__Host-` cookies (a browser session cookie).
 pub fn set(name: &str, value: &str) -> HeaderValue {
     HeaderValue::from_str(&format!(
@@ -136,6 +160,27 @@ mod tests {
         let mut untouched = h("a=1;b=2");
         strip_own(&mut untouched);
         assert_eq!(untouched[COOKIE], "a=1;b=2");
+    }
+
+    #[test]
+    fn upstreams_cannot_set_ehrgate_cookies() {
+        let mut m = HeaderMap::new();
+        for v in [
+            "JSESSIONID=a; Path=/oscar",
+            "__Host-ehrgate=forged; Path=/; Secure",
+            " __Host-ehrgate-emr=x",
+            "__Host-ehrgate-bind=y",
+            "theme=dark",
+        ] {
+            m.append(http::header::SET_COOKIE, HeaderValue::from_static(v));
+        }
+        strip_own_set_cookie(&mut m);
+        let left: Vec<&str> = m
+            .get_all(http::header::SET_COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(left, ["JSESSIONID=a; Path=/oscar", "theme=dark"]);
     }
 
     #[test]

@@ -111,6 +111,17 @@ fn check_canonical_paths(config: &Config) -> Result<(), ConfigError> {
         paths.push((format!("emr.logout_paths[{i}]"), p));
     }
     for (key, p) in paths {
+        // Only unreserved characters: a server such as Tomcat decodes other escapes that
+        // the canonical form keeps, so such a path could be reached by another spelling.
+        if let Some(c) = p
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || "/-._~".contains(*c)))
+        {
+            return Err(ConfigError::new(
+                key,
+                format!("{p:?} contains {c:?}; a configured path may hold only letters, digits, '/', '-', '.', '_' and '~'"),
+            ));
+        }
         match path::canonical(p) {
             Ok(c) if c == *p => {}
             Ok(c) => {
@@ -228,12 +239,13 @@ impl Gateway {
             host: String::new(),
             path: path::CanonicalPath::default(),
         };
-        // The path only: query strings can carry patient details.
+        // The canonical path only, recorded once known: query strings can carry patient
+        // details, and path parameters a session id (`;jsessionid=`).
         let span = tracing::info_span!(
             "request",
             id = %ctx.id(),
             method = %req.method(),
-            path = req.uri().path(),
+            path = tracing::field::Empty,
             origin = tracing::field::Empty,
         );
         async move {
@@ -414,6 +426,7 @@ impl Gateway {
             }
         }
         headers::strip_hop_by_hop(resp.headers_mut(), switching);
+        cookies::strip_own_set_cookie(resp.headers_mut());
         Ok(resp)
     }
 

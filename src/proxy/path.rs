@@ -66,6 +66,7 @@ pub enum PathError {
     Control,
     BadEscape,
     AboveRoot,
+    NotAbsolute,
 }
 
 impl PathError {
@@ -76,6 +77,7 @@ impl PathError {
             PathError::Control => "The path contains a NUL or control character.",
             PathError::BadEscape => "The path contains a malformed percent-escape.",
             PathError::AboveRoot => "The path climbs above the root with '..'.",
+            PathError::NotAbsolute => "The request target is not a path starting with '/'.",
         }
     }
 }
@@ -137,13 +139,16 @@ fn decode_segment(seg: &str, out: &mut String) -> Result<(), PathError> {
 
 /// Puts a request path (without its query) in canonical form.
 pub fn canonical(raw: &str) -> Result<CanonicalPath, PathError> {
-    // `OPTIONS *` and other non-path targets match no configured path.
-    if !raw.starts_with('/') {
-        decode_segment(raw, &mut String::new())?;
+    // `OPTIONS *` matches no configured path; any other target must be a path (HTTP/2
+    // lets a client send `:path` without its leading slash).
+    if raw == "*" {
         return Ok(CanonicalPath {
             path: raw.to_owned(),
             params: Vec::new(),
         });
+    }
+    if !raw.starts_with('/') {
+        return Err(PathError::NotAbsolute);
     }
     let mut segments: Vec<String> = Vec::new();
     let mut params = Vec::new();
@@ -243,6 +248,8 @@ mod tests {
             ("/..", PathError::AboveRoot),
             ("/a/../..", PathError::AboveRoot),
             ("/..;x/a", PathError::AboveRoot),
+            ("oscar/logout.jsp", PathError::NotAbsolute),
+            ("", PathError::NotAbsolute),
         ] {
             assert_eq!(canonical(p), Err(e), "{p}");
         }
@@ -282,6 +289,15 @@ mod properties {
         #[test]
         fn never_panics_on_any_text(raw in "\\PC{0,64}") {
             let _ = canonical(&raw);
+        }
+
+        #[test]
+        fn configured_style_paths_are_their_own_canonical_form(
+            segs in proptest::collection::vec("[a-zA-Z0-9_~-][a-zA-Z0-9_~.-]{0,8}", 1..6),
+        ) {
+            let p = format!("/{}", segs.join("/"));
+            let c = canonical(&p).unwrap();
+            prop_assert_eq!(c.as_str(), p.as_str());
         }
 
         #[test]

@@ -132,7 +132,7 @@ fn values_that_could_not_run_are_refused_at_load() {
         (
             "[ehr]\n",
             "[ehr]\noverride_path = \"/a%2Fb\"\n",
-            &["ehr.override_path", "encoded slash"],
+            &["ehr.override_path", "may hold only"],
         ),
         (
             "filter = \"warn\"",
