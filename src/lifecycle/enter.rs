@@ -130,10 +130,23 @@ impl Gateway {
                     token.hash(),
                     now,
                 ));
-                self.store.insert_ehr(s.clone());
+                if let Some(replaced) = self.store.insert_ehr(s.clone()) {
+                    // A concurrent enter of the same EMR session (a double click): the
+                    // one replaced ends with every effect, never silently.
+                    self.finish_ehr(replaced, EndReason::AuthorityChange, Some(ctx.id()))
+                        .await;
+                }
                 s
             }
         };
+        // Signed out while this enter was under way: the sign-out may not have seen the
+        // session just linked, so this enter ends it itself and grants nothing.
+        if self.store.emr(&t.emr).is_none_or(|e| e.is_ended()) {
+            self.end_ehr_of(&t.emr, EndReason::EmrGone, Some(ctx.id()))
+                .await;
+            let e = RedeemError::EmrSessionEnded;
+            return Err(self.refuse_ticket(ctx, &hash, Some(&t), e, "enter"));
+        }
         session.touch(now);
         *session.patient.lock().expect("patient lock") = OpenedPatient {
             demographic_no: t.patient.demographic_no.parse().unwrap_or_default(),

@@ -72,7 +72,12 @@ impl Gateway {
             .count()
     }
 
-    async fn finish_ehr(&self, ehr: Arc<EhrSession>, reason: EndReason, request_id: Option<&str>) {
+    pub(crate) async fn finish_ehr(
+        &self,
+        ehr: Arc<EhrSession>,
+        reason: EndReason,
+        request_id: Option<&str>,
+    ) {
         if !ehr.close() {
             return;
         }

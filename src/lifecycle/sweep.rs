@@ -54,7 +54,18 @@ async fn sweep(gateway: &Gateway) {
             .unwrap_or(EndReason::EhrIdle);
         gateway.end_ehr_of(emr, reason, None).await;
     }
-    if tickets + idle_emr.len() + expired.len() > 0 {
-        debug!(tickets, emr = idle_emr.len(), ehr = expired.len(), "swept");
+    // An EHR session whose EMR session is gone (an enter that raced a sign-out).
+    let orphans = store.ehr_where(&|s| store.emr(&s.emr).is_none());
+    for emr in &orphans {
+        gateway.end_ehr_of(emr, EndReason::EmrGone, None).await;
+    }
+    if tickets + idle_emr.len() + expired.len() + orphans.len() > 0 {
+        debug!(
+            tickets,
+            emr = idle_emr.len(),
+            ehr = expired.len(),
+            orphans = orphans.len(),
+            "swept"
+        );
     }
 }

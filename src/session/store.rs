@@ -43,8 +43,9 @@ pub trait SessionStore: Send + Sync + 'static {
 
     fn ehr(&self, id: &TokenHash) -> Option<Arc<EhrSession>>;
     fn ehr_of_emr(&self, emr: &TokenHash) -> Option<Arc<EhrSession>>;
-    /// Links a new EHR session to its EMR session (which must have none).
-    fn insert_ehr(&self, session: Arc<EhrSession>);
+    /// Links a new EHR session to its EMR session; returns the one it replaced, if a
+    /// concurrent enter linked another meanwhile (the caller ends it).
+    fn insert_ehr(&self, session: Arc<EhrSession>) -> Option<Arc<EhrSession>>;
     /// Gives an EHR session a new id; the old one stops working at once.
     fn rekey_ehr(&self, session: &Arc<EhrSession>, new_id: TokenHash);
     /// Unlinks and removes the EHR session of an EMR session.
@@ -189,17 +190,20 @@ impl SessionStore for MemoryStore {
         (!s.is_closed()).then_some(s)
     }
 
-    fn insert_ehr(&self, session: Arc<EhrSession>) {
+    fn insert_ehr(&self, session: Arc<EhrSession>) -> Option<Arc<EhrSession>> {
         self.ehr.insert(session.id(), session.clone());
-        if let Some(old) = self.ehr_by_emr.insert(session.emr, session.clone()) {
-            if !Arc::ptr_eq(&old, &session) {
-                self.ehr.remove(&old.id());
-            }
+        let replaced = self
+            .ehr_by_emr
+            .insert(session.emr, session.clone())
+            .filter(|old| !Arc::ptr_eq(old, &session));
+        if let Some(old) = &replaced {
+            self.ehr.remove(&old.id());
         }
         // Ended while being inserted: take it out again.
         if session.is_closed() {
             self.ehr.remove(&session.id());
         }
+        replaced
     }
 
     fn rekey_ehr(&self, session: &Arc<EhrSession>, new_id: TokenHash) {
@@ -471,12 +475,35 @@ mod tests {
             a,
             0,
         ));
-        store.insert_ehr(s.clone());
+        assert!(store.insert_ehr(s.clone()).is_none());
         assert!(store.ehr(&a).is_some());
         store.rekey_ehr(&s, b);
         assert!(store.ehr(&a).is_none());
         assert!(store.ehr(&b).is_some());
         assert!(Arc::ptr_eq(&store.ehr_of_emr(&emr).unwrap(), &s));
+    }
+
+    #[test]
+    fn a_second_ehr_session_for_one_emr_session_hands_back_the_first() {
+        let store = MemoryStore::new(10);
+        let emr = TokenHash::of("j");
+        let make = |id: &str| {
+            Arc::new(EhrSession::new(
+                emr,
+                "u".into(),
+                Arc::new(authority()),
+                TokenHash::of(id),
+                0,
+            ))
+        };
+        let (first, second) = (make("one"), make("two"));
+        assert!(store.insert_ehr(first.clone()).is_none());
+        let replaced = store
+            .insert_ehr(second.clone())
+            .expect("the first comes back");
+        assert!(Arc::ptr_eq(&replaced, &first));
+        assert!(store.ehr(&TokenHash::of("one")).is_none());
+        assert!(store.ehr(&TokenHash::of("two")).is_some());
     }
 
     #[test]
