@@ -143,7 +143,15 @@ pub const MAX_DRAIN_BYTES: u64 = 64 * 1024 * 1024;
 /// Reads and discards a request body that will not be forwarded: at most
 /// [`MAX_DRAIN_BYTES`], with at most `idle` between two reads. Returns whether it was
 /// read to its end (if not, the connection should close after the answer).
-pub async fn drain(mut body: Incoming, idle: std::time::Duration) -> bool {
+pub async fn drain(body: Incoming, idle: std::time::Duration) -> bool {
+    drain_any(body, idle).await
+}
+
+/// [`drain`] for any body.
+pub async fn drain_any<B>(mut body: B, idle: std::time::Duration) -> bool
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
     let mut read = 0u64;
     loop {
         match tokio::time::timeout(idle, body.frame()).await {

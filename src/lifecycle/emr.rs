@@ -46,7 +46,7 @@ impl Gateway {
                 }
             }
         }
-        let out = self.prepare(ctx, Origin::Emr, conn, req);
+        let out = self.prepare(ctx, Origin::Emr, conn, self.client_request(req));
         let resp = self.exchange(Origin::Emr, out, None).await?;
         if let Some(key) = &key {
             let unix = time::OffsetDateTime::now_utc().unix_timestamp();

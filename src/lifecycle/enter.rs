@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use http::header::{HeaderName, HeaderValue, CACHE_CONTROL, COOKIE, SET_COOKIE};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use tracing::info;
 
 use super::form;
@@ -26,7 +25,7 @@ impl Gateway {
         &self,
         ctx: &Ctx,
         conn: &ConnInfo,
-        req: Request<Incoming>,
+        req: Request<()>,
     ) -> Result<Response<Body>, Problem> {
         let Presented {
             value: ticket_value,
@@ -188,7 +187,7 @@ impl Gateway {
             )
         })?;
 
-        let mut out = self.prepare(ctx, Origin::Ehr, conn, req);
+        let mut out = self.prepare(ctx, Origin::Ehr, conn, req.map(|()| Body::empty()));
         out.parts.method = Method::GET;
         out.parts.uri = self.ehr.uri_for(Some(
             &self.config.ehr.launch_path.parse().expect("validated path"),
@@ -228,7 +227,7 @@ impl Gateway {
     pub(crate) async fn confirm(
         &self,
         ctx: &Ctx,
-        req: &Request<Incoming>,
+        req: &Request<()>,
     ) -> Result<Response<Body>, Problem> {
         let Presented {
             value: ticket_value,
@@ -271,7 +270,7 @@ impl Gateway {
     fn presented_ticket(
         &self,
         ctx: &Ctx,
-        req: &Request<Incoming>,
+        req: &Request<()>,
         step: &str,
     ) -> Result<Presented, Problem> {
         let query = req.uri().query().unwrap_or("");

@@ -8,7 +8,6 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use http::{Request, Response, StatusCode};
 use http_body::Frame;
-use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
 use crate::body::Body;
@@ -86,7 +85,7 @@ impl http_body::Body for EventBody {
 }
 
 impl Gateway {
-    pub(crate) fn events(&self, req: &Request<Incoming>) -> Result<Response<Body>, Problem> {
+    pub(crate) fn events(&self, req: &Request<()>) -> Result<Response<Body>, Problem> {
         let session = cookies::get_all(req.headers(), EHR_COOKIE)
             .find_map(|v| self.store.ehr(&TokenHash::of(v)));
         let Some(session) = session else {

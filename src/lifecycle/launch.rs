@@ -4,7 +4,6 @@
 
 use http::header::{HeaderValue, CACHE_CONTROL, COOKIE, LOCATION, SET_COOKIE};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use tracing::info;
 
 use super::{form, pointer_text};
@@ -44,7 +43,7 @@ impl Gateway {
         &self,
         ctx: &Ctx,
         conn: &ConnInfo,
-        req: Request<Incoming>,
+        req: Request<()>,
     ) -> Result<Response<Body>, Problem> {
         let mut known = Known::default();
         match self.try_launch(ctx, conn, &req, &mut known).await {
@@ -68,7 +67,7 @@ impl Gateway {
         &self,
         ctx: &Ctx,
         conn: &ConnInfo,
-        req: &Request<Incoming>,
+        req: &Request<()>,
         known: &mut Known,
     ) -> Result<Response<Body>, Denied> {
         let cfg = &self.config;

@@ -22,7 +22,6 @@ use bytes::Bytes;
 use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, CONTENT_TYPE, COOKIE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::audit::Record;
 use crate::body::Body;
@@ -88,7 +87,7 @@ impl Gateway {
         ctx: &Ctx,
         origin: Origin,
         conn: &ConnInfo,
-        req: Request<Incoming>,
+        req: Request<()>,
     ) -> Result<Response<Body>, Problem> {
         let path = ctx.path.as_str();
         let method = req.method();
@@ -145,11 +144,10 @@ impl Gateway {
                 known(&Method::GET)?;
                 self.events(&req)
             }
-            _ => {
-                let p = Problem::not_found(format!("{path} is not an ehrgate endpoint."))
-                    .hint("Open the EMR from its usual address.");
-                Err(self.refuse_unread(req, p).await)
-            }
+            _ => Err(
+                Problem::not_found(format!("{path} is not an ehrgate endpoint."))
+                    .hint("Open the EMR from its usual address."),
+            ),
         }
     }
 

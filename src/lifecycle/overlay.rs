@@ -2,7 +2,6 @@
 //! which may be chosen?) and `POST /.ehrgate/disconnect` (end the EHR side only).
 
 use http::{HeaderMap, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde_json::json;
 
 use super::json_response;
@@ -34,7 +33,7 @@ impl Gateway {
         })
     }
 
-    pub(crate) fn status(&self, req: &Request<Incoming>) -> Response<Body> {
+    pub(crate) fn status(&self, req: &Request<()>) -> Response<Body> {
         let ehr = self
             .emr_of_marker(req.headers())
             .and_then(|emr| self.store.ehr_of_emr(&emr.key));
@@ -44,7 +43,7 @@ impl Gateway {
     pub(crate) async fn disconnect(
         &self,
         ctx: &Ctx,
-        req: &Request<Incoming>,
+        req: &Request<()>,
     ) -> Result<Response<Body>, Problem> {
         if let Some(why) =
             crate::session::decide::same_origin_refusal(req.headers(), &self.config.emr.host)

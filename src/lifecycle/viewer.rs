@@ -80,7 +80,7 @@ impl Gateway {
             // The browser's cookies are replaced by the jar's: no need to filter them.
             req.headers_mut().remove(COOKIE);
         }
-        let mut out = self.prepare(ctx, Origin::Ehr, conn, req);
+        let mut out = self.prepare(ctx, Origin::Ehr, conn, self.client_request(req));
         if vault {
             let unix = time::OffsetDateTime::now_utc().unix_timestamp();
             let jar = session.jar.lock().expect("jar lock");
@@ -147,23 +147,28 @@ impl Gateway {
                 format!("The override form is larger than {limit} bytes."),
             )
         };
+        let idle = self.config.server.client_body_timeout.get();
+        // Too large: the rest is read and discarded (bounded) so the client reads the 413.
+        let refuse_large = |body: Body| async move {
+            if crate::body::drain_any(body, idle).await {
+                too_large()
+            } else {
+                too_large().with_header(http::header::CONNECTION, HeaderValue::from_static("close"))
+            }
+        };
         if headers
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok())
             .is_some_and(|n| n > limit)
         {
-            return Err(too_large());
+            return Err(refuse_large(body).await);
         }
-        let bytes: Bytes = http_body_util::Limited::new(body, limit)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    too_large()
-                } else if matches!(
+        let mut body = body;
+        let mut form = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                if matches!(
                     crate::body::ClientBodyError::find(&*e),
                     Some(crate::body::ClientBodyError::Timeout)
                 ) {
@@ -177,8 +182,15 @@ impl Gateway {
                 } else {
                     Problem::bad_request("The override form could not be read.").cause(e)
                 }
-            })?
-            .to_bytes();
+            })?;
+            if let Ok(data) = frame.into_data() {
+                if form.len() + data.len() > limit {
+                    return Err(refuse_large(body).await);
+                }
+                form.extend_from_slice(&data);
+            }
+        }
+        let bytes: Bytes = form.freeze();
         let is_form = headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())

@@ -325,13 +325,32 @@ impl Gateway {
         conn: &ConnInfo,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Problem> {
-        if route::is_own_path(&ctx.path) {
-            return self.own_endpoint(ctx, origin, conn, req).await;
+        let own = route::is_own_path(&ctx.path);
+        let launch = origin == Origin::Emr && ctx.path == self.config.emr.launch_path;
+        if own || launch {
+            // ehrgate answers these itself and never needs their body: it is read and
+            // discarded first (bounded), so every answer, refusals included, is read by
+            // a client that was still sending.
+            let (parts, body) = req.into_parts();
+            let drained = http_body::Body::is_end_stream(&body)
+                || crate::body::drain(body, self.config.server.client_body_timeout.get()).await;
+            let req = Request::from_parts(parts, ());
+            let answer = if own {
+                self.own_endpoint(ctx, origin, conn, req).await
+            } else {
+                self.launch(ctx, conn, req).await
+            };
+            let close = HeaderValue::from_static("close");
+            return match answer {
+                _ if drained => answer,
+                Ok(mut resp) => {
+                    resp.headers_mut().insert(http::header::CONNECTION, close);
+                    Ok(resp)
+                }
+                Err(p) => Err(p.with_header(http::header::CONNECTION, close)),
+            };
         }
         match origin {
-            Origin::Emr if ctx.path == self.config.emr.launch_path => {
-                self.launch(ctx, conn, req).await
-            }
             Origin::Emr => self.emr_traffic(ctx, conn, req).await,
             Origin::Ehr => self.viewer_traffic(ctx, conn, req).await,
         }
@@ -345,7 +364,7 @@ impl Gateway {
         ctx: &Ctx,
         origin: Origin,
         conn: &ConnInfo,
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
     ) -> Outbound {
         let upgrade =
             req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
@@ -368,9 +387,15 @@ impl Gateway {
         parts.version = Version::HTTP_11;
         Outbound {
             parts,
-            body: Body::from_client(body, self.config.server.client_body_timeout.get()),
+            body,
             client_upgrade,
         }
+    }
+
+    /// A client's request with its body ready to forward: idle-limited, no trailers.
+    pub fn client_request(&self, req: Request<Incoming>) -> Request<Body> {
+        let idle = self.config.server.client_body_timeout.get();
+        req.map(|b| Body::from_client(b, idle))
     }
 
     /// Sends a prepared request and applies the response filter's common part. A

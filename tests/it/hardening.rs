@@ -475,23 +475,42 @@ async fn an_emr_session_holds_a_bounded_number_of_tickets() {
 
 #[tokio::test]
 async fn a_refused_upload_still_gets_its_answer() {
-    use futures_util::stream;
-    use http_body::Frame;
     let clinic = Clinic::start().await;
-    let mut c = clinic.gate.client().h1(EHR).await;
-    let chunk = bytes::Bytes::from(vec![b'u'; 64 * 1024]);
-    let body = stream::iter(
-        std::iter::repeat_n(chunk, 128).map(|c| Ok::<_, std::io::Error>(Frame::data(c))),
+    let browser = connected(&clinic).await;
+    let session = format!(
+        "__Host-ehrgate={}",
+        browser.cookie(EHR, "__Host-ehrgate").unwrap()
     );
-    let req = http::Request::post("/upload")
-        .header("host", EHR)
-        .header("content-length", (8 * 1024 * 1024).to_string())
-        .body(Body::stream(http_body_util::StreamBody::new(body)))
-        .unwrap();
-    // No session: 401, read whole by a client that was still sending 8 MiB.
-    let r = c.fetch(req).await;
-    assert_eq!(r.status, 401);
-    assert!(r.text().contains("relaunch from the EMR"));
+    // (host, path, cookie, the answer a client still sending 8 MiB must read)
+    let cases: [(&'static str, &str, Option<&str>, u16); 6] = [
+        (EHR, "/upload", None, 401),
+        (EHR, "/.ehrgate/enter?ticket=x", None, 405),
+        (EMR, "/.ehrgate/status", None, 405),
+        (EMR, "/oscar/clinicalConnectEHRViewer.do", None, 405),
+        (EMR, "/.ehrgate/nothing", None, 404),
+        (EHR, "/override", Some(&session), 413),
+    ];
+    for (host, path, cookie, status) in cases {
+        use futures_util::stream;
+        use http_body::Frame;
+        let mut c = clinic.gate.client().h1(host).await;
+        let chunk = bytes::Bytes::from(vec![b'u'; 64 * 1024]);
+        let body = stream::iter(
+            std::iter::repeat_n(chunk, 128).map(|c| Ok::<_, std::io::Error>(Frame::data(c))),
+        );
+        let mut req = http::Request::post(path)
+            .header("host", host)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("content-length", (8 * 1024 * 1024).to_string());
+        if let Some(cookie) = cookie {
+            req = req.header("cookie", cookie);
+        }
+        let req = req
+            .body(Body::stream(http_body_util::StreamBody::new(body)))
+            .unwrap();
+        let r = c.fetch(req).await;
+        assert_eq!(r.status, status, "{path}: {}", r.text());
+    }
 }
 
 #[tokio::test]
