@@ -169,13 +169,18 @@ nginx_pids() { local m; m=$(cat "$WORK/proxy.pid"); echo "$m $(pgrep -P "$m" | x
 cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
 TICK=$(getconf CLK_TCK)
 
-# A viewer session, as a browser gets one: launch on the EMR host, enter on the viewer's.
+# A viewer session, as a browser gets one: launch on the EMR host (from the EMR's own
+# page: same-origin), then enter on the viewer's, following the binding round trip
+# (enter -> EMR host's confirm -> enter) with a cookie jar, as a browser does.
 new_session() { # $1: the EMR session cookie value; prints the __Host-ehrgate value
-  local loc
-  loc=$(curl -sk --resolve "$EMR:$GATE_PORT:127.0.0.1" -H "Cookie: JSESSIONID=$1" -o /dev/null -w '%{redirect_url}' \
+  local loc jar=$WORK/jar-$1
+  local resolve=(--resolve "$EMR:$GATE_PORT:127.0.0.1" --resolve "$EHR:$GATE_PORT:127.0.0.1")
+  rm -f "$jar"
+  loc=$(curl -sk "${resolve[@]}" -c "$jar" -H "Cookie: JSESSIONID=$1" -H "Sec-Fetch-Site: same-origin" \
+    -o /dev/null -w '%{redirect_url}' \
     "https://$EMR:$GATE_PORT/oscar/clinicalConnectEHRViewer.do?demographicNo=1001")
-  curl -sk --resolve "$EHR:$GATE_PORT:127.0.0.1" -D - -o /dev/null "$loc" | tr -d '\r' |
-    sed -n 's/^set-cookie: __Host-ehrgate=\([^;]*\).*/\1/Ip' | head -1
+  curl -sk "${resolve[@]}" -b "$jar" -c "$jar" -L --max-redirs 5 -o /dev/null "$loc"
+  awk -F'\t' '$6 == "__Host-ehrgate" { print $7 }' "$jar" | tail -1
 }
 TOKEN=$(new_session bench-hot-path)
 [ -n "$TOKEN" ] || { echo "could not open a viewer session" >&2; cat "$WORK/gate.err" >&2; exit 1; }
@@ -273,13 +278,31 @@ ctx = ssl._create_unverified_context()
 def worker(ids):
     e = http.client.HTTPSConnection("127.0.0.1", port, context=ctx)
     v = http.client.HTTPSConnection("127.0.0.1", port, context=ctx)
+    def cookie(r, name):
+        for k, val in r.getheaders():
+            if k.lower() == "set-cookie" and val.startswith(name + "="):
+                return val.split(";", 1)[0]
+        return None
     for i in ids:
         e.request("GET", "/oscar/clinicalConnectEHRViewer.do?demographicNo=1001",
-                  headers={"Host": f"{emr}:{port}", "Cookie": f"JSESSIONID=bulk-{i}"})
+                  headers={"Host": f"{emr}:{port}", "Cookie": f"JSESSIONID=bulk-{i}",
+                           "Sec-Fetch-Site": "same-origin"})
         r = e.getresponse(); loc = r.getheader("Location"); r.read()
         assert r.status == 303, r.status
+        marker = cookie(r, "__Host-ehrgate-emr")
+        # The binding round trip, as a browser follows it (an older ehrgate answers the
+        # first enter at once).
         v.request("GET", loc.split(str(port), 1)[1], headers={"Host": f"{ehr}:{port}"})
         r = v.getresponse(); r.read()
+        if r.status == 303:
+            bind = cookie(r, "__Host-ehrgate-bind")
+            e.request("GET", r.getheader("Location").split(str(port), 1)[1],
+                      headers={"Host": f"{emr}:{port}", "Cookie": marker})
+            c = e.getresponse(); c.read()
+            assert c.status == 303, c.status
+            v.request("GET", c.getheader("Location").split(str(port), 1)[1],
+                      headers={"Host": f"{ehr}:{port}", "Cookie": bind})
+            r = v.getresponse(); r.read()
         assert r.status == 302, r.status
 with cf.ThreadPoolExecutor(16) as pool:
     list(pool.map(worker, [range(k, n, 16) for k in range(16)]))
