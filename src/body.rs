@@ -12,7 +12,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::problem::BoxError;
+use crate::error::BoxError;
 
 pub enum Body {
     Empty,
@@ -237,6 +237,12 @@ impl Body {
             timer: None,
             from_client: false,
         }))
+    }
+}
+
+impl From<Bytes> for Body {
+    fn from(b: Bytes) -> Self {
+        Body::full(b)
     }
 }
 

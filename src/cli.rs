@@ -9,8 +9,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::app::{self, Prepared, StartError};
 use crate::config::{Config, LogFormat};
-use crate::server::{self, Prepared, StartError};
 use crate::telemetry;
 
 #[derive(Debug, Parser)]
@@ -115,7 +115,7 @@ fn check_config(path: &Path) -> ExitCode {
 pub async fn run(config: Config) -> ExitCode {
     // Installed before the "serving" line, so a signal sent after it is never missed.
     let stop = Signals::install();
-    let running = match server::start(config).await {
+    let running = match app::start(config).await {
         Ok(r) => r,
         Err(e) => return start_failed(e),
     };

@@ -19,17 +19,20 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod app;
 pub mod audit;
 pub mod body;
 pub mod cli;
 pub mod config;
 pub mod context;
 pub mod demo;
-pub mod lifecycle;
+pub mod error;
+pub mod gateway;
 pub mod metrics;
 pub mod problem;
 pub mod proxy;
 pub mod server;
 pub mod session;
+pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

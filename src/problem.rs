@@ -12,9 +12,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderMap, Response, StatusCode};
 
-use crate::body::Body;
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::error::BoxError;
 
 /// Which side a problem came from: the browser's request, an upstream, or ehrgate itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,13 +114,14 @@ impl Problem {
     }
 
     /// The page for the browser: JSON if it prefers JSON, else HTML.
-    pub fn into_response(self, request_id: &str, json: bool) -> Response<Body> {
+    /// The page (or JSON) for a client, in whatever body type the caller sends.
+    pub fn into_response<B: From<Bytes>>(self, request_id: &str, json: bool) -> Response<B> {
         let (content_type, body) = if json {
             ("application/json", self.json(request_id))
         } else {
             ("text/html; charset=utf-8", self.html(request_id))
         };
-        let mut resp = Response::new(Body::full(body));
+        let mut resp = Response::new(B::from(body));
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -242,7 +241,7 @@ mod tests {
     fn page_escapes_and_carries_the_request_id() {
         let p = Problem::bad_request("bad <input>").hint("fix & retry");
         let html = String::from_utf8(p.html("rid-1").to_vec()).unwrap();
-        let resp = p.into_response("rid-1", false);
+        let resp: http::Response<Bytes> = p.into_response("rid-1", false);
         assert_eq!(resp.status(), 400);
         assert_eq!(resp.headers()[CONTENT_TYPE], "text/html; charset=utf-8");
         assert!(html.contains("bad &lt;input&gt;"));

@@ -20,9 +20,9 @@ pub mod auth;
 
 use crate::audit::{Event, Record};
 use crate::body::Body;
+use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::problem::Problem;
-use crate::proxy::Gateway;
 use crate::server::Health;
 
 #[derive(Clone)]
@@ -36,7 +36,7 @@ pub struct AdminState {
 pub async fn serve(listener: TcpListener, state: AdminState, mut shutdown: watch::Receiver<bool>) {
     loop {
         let (tcp, _) = tokio::select! {
-            _ = crate::server::signalled(&mut shutdown) => return,
+            _ = crate::shutdown::signalled(&mut shutdown) => return,
             r = listener.accept() => match r {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -62,7 +62,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, mut shutdown: watch
             let mut shutdown = shutdown;
             tokio::select! {
                 r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "admin connection error") },
-                _ = crate::server::signalled(&mut shutdown) => {
+                _ = crate::shutdown::signalled(&mut shutdown) => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
@@ -168,7 +168,7 @@ async fn admin_logout(state: &AdminState, req: &Request<Incoming>) -> Response<B
     let user = req
         .uri()
         .query()
-        .and_then(|q| crate::lifecycle::form::value(q, "user"))
+        .and_then(|q| crate::gateway::form::value(q, "user"))
         .filter(|u| !u.trim().is_empty());
     let Some(user) = user else {
         return Problem::bad_request(

@@ -14,7 +14,7 @@ use serde_json::json;
 use super::data::{self, Patient};
 use super::{page, read_form, redirect, totp_now, App};
 use crate::body::Body;
-use crate::lifecycle::form::value as query_value;
+use crate::gateway::form::value as query_value;
 use crate::problem::escape_html;
 use crate::proxy::cookies;
 

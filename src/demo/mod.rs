@@ -26,10 +26,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
+use crate::app::{self, Prepared, Running, StartError};
 use crate::body::Body;
 use crate::config::{Config, ConfigError};
 use crate::problem::escape_html;
-use crate::server::{self, Prepared, Running, StartError};
 use crate::tls::dev::{ensure_dev_files, DevFiles};
 
 pub const EMR_HOST: &str = "emr.localhost";
@@ -303,7 +303,7 @@ pub async fn start(options: DemoOptions) -> Result<Demo, DemoError> {
         viewer.clone().handle(req)
     });
 
-    let running = server::start_prepared(prepared).await?;
+    let running = app::start_prepared(prepared).await?;
     Ok(Demo {
         running,
         files,

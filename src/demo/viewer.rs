@@ -21,7 +21,7 @@ use tokio_tungstenite::WebSocketStream;
 use super::data::{self, OVERRIDE_REASONS};
 use super::{oneid, page, read_form, redirect, App};
 use crate::body::Body;
-use crate::lifecycle::form::value as query_value;
+use crate::gateway::form::value as query_value;
 use crate::problem::escape_html;
 use crate::proxy::cookies;
 

@@ -19,11 +19,11 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
+use super::{ConnInfo, Handler};
 use crate::body::Body;
 use crate::config::ServerConfig;
+use crate::error::BoxError;
 use crate::metrics::Metrics;
-use crate::problem::BoxError;
-use crate::proxy::{ConnInfo, Gateway};
 use crate::tls::ALPN_H2;
 
 /// Limits applied to every client connection.
@@ -225,11 +225,11 @@ where
 
 /// Serves one accepted TCP connection to its end.
 #[allow(clippy::too_many_arguments)]
-pub async fn serve(
+pub async fn serve<H: Handler>(
     tcp: TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
-    gateway: Arc<Gateway>,
+    handler: Arc<H>,
     metrics: Arc<Metrics>,
     limits: Arc<ConnLimits>,
     mut shutdown: watch::Receiver<bool>,
@@ -242,7 +242,7 @@ pub async fn serve(
 
     let tls = tokio::select! {
         r = tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(tcp)) => r,
-        _ = crate::server::signalled(&mut shutdown) => return,
+        _ = crate::shutdown::signalled(&mut shutdown) => return,
     };
     let tls = match tls {
         Ok(Ok(tls)) => tls,
@@ -271,10 +271,10 @@ pub async fn serve(
         let activity = activity.clone();
         service_fn(move |req| {
             let in_flight = activity.begin();
-            let gateway = gateway.clone();
+            let handler = handler.clone();
             let info = info.clone();
             async move {
-                let resp = gateway.handle(info, req).await;
+                let resp = handler.handle(info, req).await;
                 Ok::<_, Infallible>(resp.map(|inner| Tracked {
                     inner,
                     in_flight,
@@ -342,7 +342,7 @@ async fn drive<C: GracefulConn>(
                 }
                 return;
             }
-            _ = crate::server::signalled(&mut shutdown), if !closing => {
+            _ = crate::shutdown::signalled(&mut shutdown), if !closing => {
                 conn.as_mut().begin_shutdown();
                 closing = true;
             }

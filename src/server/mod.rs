@@ -1,26 +1,46 @@
-//! The listeners: the TLS proxy listener clinicians' browsers reach, and the plain-HTTP
-//! admin listener. Owns accepting, the connection limit and graceful shutdown; what a
-//! request means is the proxy module's business.
+//! The proxy listener clinicians' browsers reach: binding (one socket per worker with
+//! `SO_REUSEPORT`), accepting within the connection limit, the TLS handshake, HTTP/1.1
+//! or HTTP/2 by ALPN with the connection limits, and graceful drain. It calls the
+//! [`Handler`] it is given for every request and knows nothing above it: what a request
+//! means is the application's business.
 
 mod conn;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{Request, Response};
+use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
-use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
-use crate::admin;
-use crate::config::{Config, ConfigError};
+use crate::body::Body;
+use crate::config::{ConfigError, ServerConfig};
 use crate::metrics::Metrics;
-use crate::proxy::Gateway;
-use crate::tls;
 use conn::{ConnGuards, ConnLimits};
+
+/// What the server knows about the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// The TLS SNI, lowercase; `None` when the client sent none (e.g. connected by IP).
+    pub sni: Option<Box<str>>,
+}
+
+/// What answers requests: given the connection's facts and the request, a response.
+/// It never fails: every problem is already a response.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        self: Arc<Self>,
+        conn: Arc<ConnInfo>,
+        req: Request<Incoming>,
+    ) -> impl Future<Output = Response<Body>> + Send + 'static;
+}
 
 /// Why ehrgate could not start.
 #[derive(Debug, thiserror::Error)]
@@ -45,78 +65,20 @@ impl Health {
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
-}
 
-/// Everything `run` needs, built and checked before any socket is opened. `check-config`
-/// builds it too, so a configuration that passes the check also starts.
-pub struct Prepared {
-    pub config: Arc<Config>,
-    pub gateway: Arc<Gateway>,
-    pub metrics: Arc<Metrics>,
-    admin_auth: Arc<admin::auth::AdminAuth>,
-    tls: Arc<rustls::ServerConfig>,
-    shutdown: watch::Sender<bool>,
-}
-
-impl Prepared {
-    pub fn new(config: Config) -> Result<Self, ConfigError> {
-        let config = Arc::new(config);
-        let tls = tls::server_config(&config.server.tls_cert, &config.server.tls_key)?;
-        let metrics = Arc::new(Metrics::new());
-        let (shutdown, shutdown_rx) = watch::channel(false);
-        let gateway = Arc::new(Gateway::new(config.clone(), metrics.clone(), shutdown_rx)?);
-        let admin_auth = Arc::new(admin::auth::AdminAuth::load(
-            &config.admin.token_file,
-            config.server.admin_listen,
-        )?);
-        Ok(Self {
-            config,
-            gateway,
-            metrics,
-            admin_auth,
-            tls,
-            shutdown,
-        })
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
     }
 }
 
-/// A started ehrgate: its bound addresses and the handle to stop it.
-pub struct Running {
-    pub proxy_addr: SocketAddr,
-    pub admin_addr: SocketAddr,
-    pub health: Arc<Health>,
-    shutdown: watch::Sender<bool>,
-    task: JoinHandle<()>,
+/// The bound proxy listener, one socket per worker, not yet accepting.
+pub struct Listening {
+    pub addr: SocketAddr,
+    listeners: Vec<TcpListener>,
 }
 
-impl Running {
-    /// Stops accepting and lets requests in flight finish (within `shutdown_grace`).
-    pub fn shutdown(&self) {
-        self.health.ready.store(false, Ordering::Relaxed);
-        let _ = self.shutdown.send(true);
-    }
-
-    /// Waits until the server has stopped (after [`Running::shutdown`]).
-    pub async fn wait(self) {
-        let _ = self.task.await;
-    }
-}
-
-/// Binds the listeners and starts serving.
-pub async fn start(config: Config) -> Result<Running, StartError> {
-    start_prepared(Prepared::new(config)?).await
-}
-
-pub async fn start_prepared(prepared: Prepared) -> Result<Running, StartError> {
-    let Prepared {
-        config,
-        gateway,
-        metrics,
-        admin_auth,
-        tls,
-        shutdown: shutdown_tx,
-    } = prepared;
-    let server = &config.server;
+/// Binds `server.listen` for every worker.
+pub fn bind(server: &ServerConfig) -> Result<Listening, StartError> {
     let workers = worker_count(server.workers);
     let bind_error = |source| StartError::Bind {
         what: "server.listen",
@@ -125,72 +87,46 @@ pub async fn start_prepared(prepared: Prepared) -> Result<Running, StartError> {
     };
     // With several workers, each accepts on its own SO_REUSEPORT socket (as nginx
     // workers do) and the kernel spreads connections between them.
-    let listener = bind_listener(server.listen, workers > 1).map_err(bind_error)?;
-    let admin_listener = TcpListener::bind(server.admin_listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            what: "server.admin_listen",
-            addr: server.admin_listen,
-            source,
-        })?;
-    let proxy_addr = listener
-        .local_addr()
-        .expect("bound listener has an address");
-    let admin_addr = admin_listener
-        .local_addr()
-        .expect("bound listener has an address");
-
-    let health = Arc::new(Health::default());
-    let shutdown_rx = shutdown_tx.subscribe();
-    // The admin listener outlives the drain, so /readyz can say "shutting down".
-    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
-    let admin_task = tokio::spawn(admin::serve(
-        admin_listener,
-        admin::AdminState {
-            metrics: metrics.clone(),
-            health: health.clone(),
-            gateway: gateway.clone(),
-            auth: admin_auth,
-        },
-        admin_stop_rx,
-    ));
-
-    crate::lifecycle::spawn_sweeper(gateway.clone());
-    let mut listeners = vec![listener];
+    let first = bind_listener(server.listen, workers > 1).map_err(bind_error)?;
+    let addr = first.local_addr().map_err(bind_error)?;
+    let mut listeners = vec![first];
     for _ in 1..workers {
-        listeners.push(bind_listener(proxy_addr, true).map_err(bind_error)?);
+        listeners.push(bind_listener(addr, true).map_err(bind_error)?);
     }
+    Ok(Listening { addr, listeners })
+}
+
+/// Serves `listening` until `shutdown` turns `true`, then drains (at most
+/// `shutdown_grace`); resolves when every worker has drained.
+pub async fn serve<H: Handler>(
+    listening: Listening,
+    server: &ServerConfig,
+    tls: Arc<rustls::ServerConfig>,
+    handler: Arc<H>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) {
     let acceptor = TlsAcceptor::from(tls);
     let limits = Arc::new(ConnLimits::from(server));
     // One budget of connections for the whole server, whichever worker takes them.
     let slots = Arc::new(Semaphore::new(server.max_connections));
-    let accept_loops: Vec<AcceptLoop> = listeners
+    let workers = listening.listeners.len();
+    let accept_loops: Vec<AcceptLoop<H>> = listening
+        .listeners
         .into_iter()
         .map(|listener| AcceptLoop {
             listener,
             acceptor: acceptor.clone(),
-            gateway: gateway.clone(),
+            handler: handler.clone(),
             metrics: metrics.clone(),
             limits: limits.clone(),
             slots: slots.clone(),
             grace: server.shutdown_grace.get(),
-            shutdown: shutdown_rx.clone(),
+            shutdown: shutdown.clone(),
         })
         .collect();
-    health.ready.store(true, Ordering::Relaxed);
-    info!(%proxy_addr, %admin_addr, workers, "ehrgate is serving");
-    let task = tokio::spawn(async move {
-        run_workers(accept_loops).await;
-        let _ = admin_stop_tx.send(true);
-        let _ = admin_task.await;
-    });
-    Ok(Running {
-        proxy_addr,
-        admin_addr,
-        health,
-        shutdown: shutdown_tx,
-        task,
-    })
+    info!(addr = %listening.addr, workers, "accepting connections");
+    run_workers(accept_loops).await;
 }
 
 /// Workers to run: `server.workers`, or one per CPU this process may use.
@@ -222,7 +158,7 @@ fn bind_listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListe
 /// Runs the accept loops: one on this runtime, or each on its own thread with a
 /// single-threaded runtime (no work-stealing between them: like nginx's workers, each
 /// serves its connections start to end). Returns when all have drained.
-async fn run_workers(mut loops: Vec<AcceptLoop>) {
+async fn run_workers<H: Handler>(mut loops: Vec<AcceptLoop<H>>) {
     if loops.len() == 1 {
         return loops.pop().expect("one").run().await;
     }
@@ -265,10 +201,10 @@ async fn run_workers(mut loops: Vec<AcceptLoop>) {
     let _ = done_rx.recv().await;
 }
 
-struct AcceptLoop {
+struct AcceptLoop<H> {
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    gateway: Arc<Gateway>,
+    handler: Arc<H>,
     metrics: Arc<Metrics>,
     limits: Arc<ConnLimits>,
     slots: Arc<Semaphore>,
@@ -276,13 +212,13 @@ struct AcceptLoop {
     shutdown: watch::Receiver<bool>,
 }
 
-impl AcceptLoop {
+impl<H: Handler> AcceptLoop<H> {
     async fn run(mut self) {
         let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
         loop {
             let accepted = tokio::select! {
                 biased;
-                _ = signalled(&mut self.shutdown) => break,
+                _ = crate::shutdown::signalled(&mut self.shutdown) => break,
                 r = self.listener.accept() => r,
             };
             let (tcp, peer) = match accepted {
@@ -304,7 +240,7 @@ impl AcceptLoop {
                 tcp,
                 peer,
                 self.acceptor.clone(),
-                self.gateway.clone(),
+                self.handler.clone(),
                 self.metrics.clone(),
                 self.limits.clone(),
                 self.shutdown.clone(),
@@ -332,9 +268,4 @@ impl AcceptLoop {
             info!("all connections finished");
         }
     }
-}
-
-/// Resolves once shutdown has been signalled (or its sender is gone).
-pub async fn signalled(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
 }

@@ -816,7 +816,7 @@ async fn event_streams_are_capped_per_session() {
         browser.cookie(EHR, "__Host-ehrgate").unwrap()
     );
     let mut statuses = Vec::new();
-    for _ in 0..ehrgate::lifecycle::MAX_STREAMS_PER_SESSION + 3 {
+    for _ in 0..ehrgate::gateway::MAX_STREAMS_PER_SESSION + 3 {
         let req = h2
             .request(EHR, "/.ehrgate/events")
             .header("cookie", &cookie)
@@ -827,7 +827,7 @@ async fn event_streams_are_capped_per_session() {
         statuses.push(resp.status().as_u16());
         open.push(resp);
     }
-    let max = ehrgate::lifecycle::MAX_STREAMS_PER_SESSION as usize;
+    let max = ehrgate::gateway::MAX_STREAMS_PER_SESSION as usize;
     assert!(statuses[..max].iter().all(|s| *s == 200), "{statuses:?}");
     assert!(statuses[max..].iter().all(|s| *s == 429), "{statuses:?}");
     // Closing one frees its place.

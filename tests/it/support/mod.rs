@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 
+use ehrgate::app::{self, Running};
 use ehrgate::config::Config;
-use ehrgate::server::{self, Running};
 use ehrgate::tls::dev::{generate_signing_key_pem, DevPki};
 use tokio::io::AsyncBufReadExt;
 
@@ -192,7 +192,7 @@ impl Gate {
         let files = Files::new();
         let config = Config::parse(&setup.toml(&files, "127.0.0.1:0", "127.0.0.1:0"))
             .unwrap_or_else(|e| panic!("test config: {e}"));
-        let running = server::start(config).await.expect("ehrgate starts");
+        let running = app::start(config).await.expect("ehrgate starts");
         Self {
             addr: running.proxy_addr,
             admin: running.admin_addr,

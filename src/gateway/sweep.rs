@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tracing::debug;
 
-use crate::proxy::Gateway;
+use crate::gateway::Gateway;
 use crate::session::decide::{self, EndReason};
 
 /// Sweeps at a quarter of the shortest limit, between 100 ms and 30 s.
@@ -28,7 +28,7 @@ pub fn spawn_sweeper(gateway: Arc<Gateway>) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = crate::server::signalled(&mut shutdown) => return,
+                _ = crate::shutdown::signalled(&mut shutdown) => return,
                 _ = tick.tick() => sweep(&gateway).await,
             }
         }

@@ -11,9 +11,9 @@ use http_body::Frame;
 use tokio::sync::mpsc;
 
 use crate::body::Body;
+use crate::gateway::Gateway;
 use crate::problem::{BoxError, Problem};
 use crate::proxy::cookies::{self, EHR_COOKIE};
-use crate::proxy::Gateway;
 use crate::session::TokenHash;
 
 /// A comment line keeps idle proxies and browsers from dropping the stream.
@@ -124,7 +124,7 @@ impl Gateway {
                         return;
                     }
                     // The browser reconnects to another ehrgate (or this one, restarted).
-                    _ = crate::server::signalled(&mut shutdown) => return,
+                    _ = crate::shutdown::signalled(&mut shutdown) => return,
                     _ = tx.closed() => return,
                     _ = beat.tick() => {
                         if tx.send(Bytes::from_static(b": ping\n\n")).await.is_err() {

@@ -6,10 +6,12 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 
 use crate::body::Body;
+use crate::gateway::Gateway;
 use crate::problem::Problem;
 use crate::proxy::cookies;
 use crate::proxy::route::Origin;
-use crate::proxy::{ConnInfo, Ctx, Gateway};
+use crate::proxy::Ctx;
+use crate::server::ConnInfo;
 use crate::session::decide::{self, EndReason};
 use crate::session::TokenHash;
 
@@ -46,8 +48,13 @@ impl Gateway {
                 }
             }
         }
-        let out = self.prepare(ctx, Origin::Emr, conn, self.client_request(req));
-        let resp = self.exchange(Origin::Emr, out, None).await?;
+        let out = self.engine.prepare(
+            ctx,
+            Origin::Emr,
+            conn.peer.ip(),
+            self.engine.client_request(req),
+        );
+        let resp = self.engine.exchange(Origin::Emr, out, None).await?;
         if let Some(key) = &key {
             let unix = time::OffsetDateTime::now_utc().unix_timestamp();
             let expired = resp

@@ -8,9 +8,10 @@ use super::json_response;
 use crate::audit::{Event, Record};
 use crate::body::Body;
 use crate::config::Authority;
+use crate::gateway::Gateway;
 use crate::problem::Problem;
 use crate::proxy::cookies::{self, EMR_MARKER_COOKIE};
-use crate::proxy::{Ctx, Gateway};
+use crate::proxy::Ctx;
 use crate::session::decide::EndReason;
 use crate::session::{EhrSession, EmrSession, TokenHash};
 

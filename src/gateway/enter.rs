@@ -13,10 +13,12 @@ use crate::audit::{Event, Record};
 use crate::body::Body;
 use crate::config::CookieMode;
 use crate::context::{new_jti, Claims, PatientClaims};
+use crate::gateway::Gateway;
 use crate::problem::Problem;
 use crate::proxy::cookies::{self, BIND_COOKIE, EHR_COOKIE, EMR_MARKER_COOKIE};
 use crate::proxy::route::{self, Origin};
-use crate::proxy::{ConnInfo, Ctx, Gateway};
+use crate::proxy::Ctx;
+use crate::server::ConnInfo;
 use crate::session::decide::{self, EndReason, EnterStep, RedeemError};
 use crate::session::{EhrSession, LaunchTicket, OpenedPatient, Token, TokenHash};
 
@@ -187,9 +189,14 @@ impl Gateway {
             )
         })?;
 
-        let mut out = self.prepare(ctx, Origin::Ehr, conn, req.map(|()| Body::empty()));
+        let mut out = self.engine.prepare(
+            ctx,
+            Origin::Ehr,
+            conn.peer.ip(),
+            req.map(|()| Body::empty()),
+        );
         out.parts.method = Method::GET;
-        out.parts.uri = self.ehr.uri_for(Some(
+        out.parts.uri = self.engine.upstream(Origin::Ehr).uri_for(Some(
             &self.config.ehr.launch_path.parse().expect("validated path"),
         ));
         out.body = Body::empty();
@@ -212,7 +219,7 @@ impl Gateway {
             }
         }
         let inject = self.wants_injection(&mut out.parts.headers);
-        let resp = self.exchange(Origin::Ehr, out, None).await?;
+        let resp = self.engine.exchange(Origin::Ehr, out, None).await?;
         let mut resp = self.viewer_response(resp, &session, inject);
         let h = resp.headers_mut();
         h.append(SET_COOKIE, cookies::set(EHR_COOKIE, token.as_str()));

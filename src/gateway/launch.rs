@@ -9,10 +9,12 @@ use tracing::info;
 use super::{form, pointer_text};
 use crate::audit::{Event, Record};
 use crate::body::Body;
+use crate::gateway::Gateway;
 use crate::problem::{escape_html, Problem, Side};
 use crate::proxy::cookies::{self, EMR_MARKER_COOKIE};
 use crate::proxy::route;
-use crate::proxy::{ConnInfo, Ctx, Gateway};
+use crate::proxy::Ctx;
+use crate::server::ConnInfo;
 use crate::session::decide::{self, AuthorityError, EndReason};
 use crate::session::{EmrSession, LaunchTicket, PatientContext, Token, TokenHash};
 

@@ -18,10 +18,12 @@ use super::{form, inject};
 use crate::audit::{Event, Record};
 use crate::body::Body;
 use crate::config::CookieMode;
+use crate::gateway::Gateway;
 use crate::problem::Problem;
 use crate::proxy::cookies::{self, EHR_COOKIE};
 use crate::proxy::route::Origin;
-use crate::proxy::{ConnInfo, Ctx, Gateway};
+use crate::proxy::Ctx;
+use crate::server::ConnInfo;
 use crate::session::decide::{self, EndReason};
 use crate::session::{EhrSession, TokenHash};
 
@@ -69,7 +71,7 @@ impl Gateway {
     ) -> Result<Response<Body>, Problem> {
         let Some(session) = self.live_ehr_session(req.headers(), ctx).await else {
             let problem = self.ehr_session_ended(req.headers());
-            return Err(self.refuse_unread(req, problem).await);
+            return Err(self.engine.refuse_unread(req, problem).await);
         };
         let path = req.uri().path().to_owned();
         let observe_override =
@@ -80,7 +82,12 @@ impl Gateway {
             // The browser's cookies are replaced by the jar's: no need to filter them.
             req.headers_mut().remove(COOKIE);
         }
-        let mut out = self.prepare(ctx, Origin::Ehr, conn, self.client_request(req));
+        let mut out = self.engine.prepare(
+            ctx,
+            Origin::Ehr,
+            conn.peer.ip(),
+            self.engine.client_request(req),
+        );
         if vault {
             let unix = time::OffsetDateTime::now_utc().unix_timestamp();
             let jar = session.jar.lock().expect("jar lock");
@@ -98,6 +105,7 @@ impl Gateway {
         }
         let inject = self.wants_injection(&mut out.parts.headers);
         let resp = self
+            .engine
             .exchange(Origin::Ehr, out, Some(session.close_signal()))
             .await?;
         Ok(self.viewer_response(resp, &session, inject))

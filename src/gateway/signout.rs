@@ -11,7 +11,8 @@ use tracing::{info, warn};
 
 use crate::audit::{Event, Record};
 use crate::body::Body;
-use crate::proxy::Gateway;
+use crate::gateway::Gateway;
+use crate::proxy::route::Origin;
 use crate::session::decide::EndReason;
 use crate::session::{EhrSession, TokenHash};
 
@@ -108,7 +109,7 @@ impl Gateway {
     /// Calls the viewer's logout path with the session's viewer cookies, bounded in time.
     async fn viewer_logout(&self, ehr: &EhrSession) -> Result<u16, String> {
         let path = &self.config.ehr.logout_path;
-        let uri = self.ehr.uri_for(Some(
+        let uri = self.engine.upstream(Origin::Ehr).uri_for(Some(
             &path.parse().map_err(|_| "bad logout path".to_string())?,
         ));
         let mut req = Request::get(uri)
@@ -119,7 +120,12 @@ impl Gateway {
         if let Some(c) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
             req.headers_mut().insert(COOKIE, c);
         }
-        match tokio::time::timeout(self.limits.viewer_logout, self.ehr.send(req)).await {
+        match tokio::time::timeout(
+            self.limits.viewer_logout,
+            self.engine.upstream(Origin::Ehr).send(req),
+        )
+        .await
+        {
             Err(_) => Err("no answer in time".into()),
             Ok(Err(e)) => Err(e
                 .into_problem(crate::proxy::route::Origin::Ehr)
