@@ -20,7 +20,7 @@ use crate::telemetry;
     about = "TLS reverse proxy linking a clinic's EMR session to its EHR viewer session"
 )]
 pub struct Cli {
-    /// Log format; overrides [log] format in the configuration.
+    /// Log format; overrides `[log] format` in the configuration.
     #[arg(long, global = true, value_enum)]
     pub log_format: Option<LogFormatArg>,
     #[command(subcommand)]

@@ -6,16 +6,15 @@
 //! as long as the EMR session allows. The contract (command line, configuration,
 //! endpoints, cookies, audit record, security invariants) is `DESIGN.md`.
 //!
-//! Layout:
-//! - [`config`]: the configuration file and its validation.
-//! - [`tls`]: server and upstream TLS, and development key material.
-//! - [`server`]: listeners, connection limits, graceful shutdown.
-//! - [`proxy`]: one request's path through classify, filter, forward.
-//! - [`lifecycle`]: launch, enter, viewer and EMR traffic, sign-out, Disconnect, events.
-//! - [`session`]: EMR and EHR sessions, launch tickets, and the lifecycle decisions.
-//! - [`context`]: the signed context assertion. [`audit`]: the audit log.
-//! - [`admin`]: health, readiness and metrics.
-//! - [`demo`]: `ehrgate demo`, the whole set-up on one machine.
+//! Layers, each depending only on those below it:
+//! - top: [`cli`] (`run`, `check-config`, `demo`), [`demo`], [`admin`] (health,
+//!   readiness, metrics, admin actions), and [`app`], which composes them.
+//! - the application, [`gateway`]: the clinic's policy and the flows of DESIGN §6.
+//! - the engine, [`proxy`] (upstreams, header rules, canonical paths, tunnels), and the
+//!   listener, [`server`] (binding, TLS accept, connection limits, drain).
+//! - leaves: [`session`] (sessions, tickets, the decisions), [`audit`], [`context`],
+//!   [`config`], [`tls`], [`problem`], [`body`], [`metrics`], [`shutdown`], [`error`],
+//!   [`telemetry`].
 #![forbid(unsafe_code)]
 
 pub mod admin;

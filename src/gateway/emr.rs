@@ -16,6 +16,9 @@ use crate::session::decide::{self, EndReason};
 use crate::session::TokenHash;
 
 impl Gateway {
+    /// An EMR request, in phases: a sign-out trigger in the request (a logout path, an
+    /// idle session) → forward through the engine → a sign-out trigger in the response
+    /// (the session cookie expired), acted on before the response reaches the browser.
     pub(crate) async fn emr_traffic(
         &self,
         ctx: &Ctx,

@@ -1,10 +1,27 @@
-//! The lifecycle flows of DESIGN §6 on the wire: launch, enter, viewer traffic, EMR
-//! traffic (sign-out triggers), Disconnect and status, the event stream that closes
-//! tabs, and the sweeper.
+//! The gateway: the clinic's policy. It owns the configuration in force, the session
+//! store, the audit log, the context signer and the counters, and every flow of DESIGN §6,
+//! built on the forwarding engine ([`crate::proxy::Engine`]) and served by the listener
+//! ([`crate::server`]) through [`Handler`].
 //!
-//! Each flow carries bytes and calls the decisions in `crate::session::decide`; the
-//! audit record of an access is written before the response that grants it, and a
-//! failure to write it refuses the access.
+//! One request ([`Gateway::serve_request`]): classify (host, SNI, canonical path) →
+//! ehrgate's own endpoint or the launch (answered here, body discarded) or forwarding
+//! by origin → log. Where each behaviour of DESIGN §6 lives:
+//!
+//! | behaviour | file |
+//! | --- | --- |
+//! | Launch (`emr.launch_path`): whoami, patient, authority, ticket, marker | `launch.rs` |
+//! | Enter and the binding round trip (`/.ehrgate/enter`, `/.ehrgate/confirm`), the context assertion | `enter.rs` |
+//! | Viewer traffic: session check → request filter (vault cookies) → upstream → response filter (jar, script, cut at sign-out); override audit | `viewer.rs`, `inject.rs` |
+//! | EMR traffic: forward → watch for the session's end (logout paths, expiring cookie, idle) | `emr.rs` |
+//! | Sign-out effects, in order; admin sign-out of a user | `signout.rs` |
+//! | Disconnect and status for the overlay | `overlay.rs` |
+//! | Tab closing: `session.js` and the event stream | `events.rs` |
+//! | Idle and lifetime limits, orphaned sessions | `sweep.rs` |
+//!
+//! The decisions themselves are plain functions in `crate::session::decide`. It must
+//! never grant an access without its audit record written first (a failure to write it
+//! refuses the access), never forward a request the engine has not filtered, and never
+//! let a viewer response outlive its session.
 
 mod emr;
 mod enter;

@@ -63,16 +63,21 @@ impl Gateway {
         Some(session)
     }
 
+    /// A viewer request, in phases: session check → request filter (the engine's rules,
+    /// then the vault's cookies; the override observed and audited) → upstream →
+    /// response filter (cookies into the jar, the session script, the cut at sign-out).
     pub(crate) async fn viewer_traffic(
         &self,
         ctx: &Ctx,
         conn: &ConnInfo,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Problem> {
+        // Session check.
         let Some(session) = self.live_ehr_session(req.headers(), ctx).await else {
             let problem = self.ehr_session_ended(req.headers());
             return Err(self.engine.refuse_unread(req, problem).await);
         };
+        // Request filter.
         let path = req.uri().path().to_owned();
         let observe_override =
             req.method() == Method::POST && ctx.path == self.config.ehr.override_path;
@@ -104,6 +109,7 @@ impl Gateway {
                 .await?;
         }
         let inject = self.wants_injection(&mut out.parts.headers);
+        // Upstream, then the response filter.
         let resp = self
             .engine
             .exchange(Origin::Ehr, out, Some(session.close_signal()))

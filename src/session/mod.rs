@@ -2,8 +2,8 @@
 //! launch tickets, and the decisions over them.
 //!
 //! Owns what a session is and when it may live; holds no sockets and calls no upstream.
-//! The lifecycle flows (`crate::lifecycle`) carry bytes and call these. Nothing here is
-//! ever logged with a secret: tokens appear only as [`TokenHash`] labels.
+//! The gateway's flows carry bytes and call these; nothing here knows of them. Nothing
+//! here is ever logged with a secret: tokens appear only as [`TokenHash`] labels.
 
 pub mod decide;
 pub mod jar;
