@@ -28,7 +28,7 @@ RATE=${RATE:-5000}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 BULK=${BULK:-10000}
-UP_PORT=18080 NGINX_PORT=18443 GATE_PORT=19443 ADMIN_PORT=19090
+UP_PORT=18080 NGINX_PORT=18443 GATE_PORT=19443 ADMIN_PORT=19090 BASE_PORT=19444 BASE_ADMIN_PORT=19091
 EMR=emr.bench.localhost EHR=ehr.bench.localhost
 OUT=$ROOT/target/load
 mkdir -p "$OUT"
@@ -66,6 +66,8 @@ if ! command -v oha >/dev/null && [ -z "${SKIP_OHA:-}" ]; then
 fi
 export PATH="$HOME/.cargo/bin:$PATH"
 # GATE_BIN=path measures another ehrgate build (say, an earlier commit's) the same way.
+# BASE_BIN=path also measures that build beside this one, in the same run and the same
+# alternation (rows emr-base and ehr-base): before/after figures from one run.
 if [ -z "${GATE_BIN:-}" ]; then
   cargo build --release --locked -q
   GATE_BIN=$ROOT/target/release/ehrgate
@@ -136,10 +138,11 @@ EOF
 taskset -c "$PROXY_CPU" nginx -p "$WORK" -c "$WORK/proxy.conf"
 
 # --- ehrgate -----------------------------------------------------------------------
-cat > "$WORK/ehrgate.toml" <<EOF
+gate_config() { # port admin_port name
+  cat > "$WORK/$3.toml" <<EOF
 [server]
-listen = "127.0.0.1:$GATE_PORT"
-admin_listen = "127.0.0.1:$ADMIN_PORT"
+listen = "127.0.0.1:$1"
+admin_listen = "127.0.0.1:$2"
 tls_cert = "$WORK/server.crt"
 tls_key = "$WORK/server.key"
 [emr]
@@ -155,15 +158,27 @@ name = "Maple Family Health Team"
 [context]
 signing_key = "$WORK/signing.pem"
 [audit]
-path = "$WORK/audit/audit.jsonl"
+path = "$WORK/audit-$3/audit.jsonl"
 [log]
 filter = "warn"
 EOF
-taskset -c "$PROXY_CPU" "$GATE_BIN" run --config "$WORK/ehrgate.toml" > "$WORK/gate.out" 2> "$WORK/gate.err" &
-GATE_PID=$!
+}
+start_gate() { # binary name -> pid
+  taskset -c "$PROXY_CPU" "$1" run --config "$WORK/$2.toml" > "$WORK/$2.out" 2> "$WORK/$2.err" &
+  local pid=$!
+  for _ in $(seq 100); do grep -q serving "$WORK/$2.out" 2>/dev/null && break; sleep 0.1; done
+  grep -q serving "$WORK/$2.out" || { cat "$WORK/$2.err" >&2; exit 1; }
+  echo "$pid"
+}
+gate_config "$GATE_PORT" "$ADMIN_PORT" ehrgate
+GATE_PID=$(start_gate "$GATE_BIN" ehrgate)
 PIDS+=("$GATE_PID")
-for _ in $(seq 100); do grep -q serving "$WORK/gate.out" 2>/dev/null && break; sleep 0.1; done
-grep -q serving "$WORK/gate.out" || { cat "$WORK/gate.err"; exit 1; }
+BASE_PID=""
+if [ -n "${BASE_BIN:-}" ]; then
+  gate_config "$BASE_PORT" "$BASE_ADMIN_PORT" base
+  BASE_PID=$(start_gate "$BASE_BIN" base)
+  PIDS+=("$BASE_PID")
+fi
 
 nginx_pids() { local m; m=$(cat "$WORK/proxy.pid"); echo "$m $(pgrep -P "$m" | xargs)"; }
 cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
@@ -172,18 +187,24 @@ TICK=$(getconf CLK_TCK)
 # A viewer session, as a browser gets one: launch on the EMR host (from the EMR's own
 # page: same-origin), then enter on the viewer's, following the binding round trip
 # (enter -> EMR host's confirm -> enter) with a cookie jar, as a browser does.
-new_session() { # $1: the EMR session cookie value; prints the __Host-ehrgate value
-  local loc jar=$WORK/jar-$1
-  local resolve=(--resolve "$EMR:$GATE_PORT:127.0.0.1" --resolve "$EHR:$GATE_PORT:127.0.0.1")
+new_session() { # $1: the EMR session cookie value, $2: the port; prints the __Host-ehrgate value
+  local loc jar=$WORK/jar-$1 port=${2:-$GATE_PORT}
+  local resolve=(--resolve "$EMR:$port:127.0.0.1" --resolve "$EHR:$port:127.0.0.1")
   rm -f "$jar"
   loc=$(curl -sk "${resolve[@]}" -c "$jar" -H "Cookie: JSESSIONID=$1" -H "Sec-Fetch-Site: same-origin" \
     -o /dev/null -w '%{redirect_url}' \
-    "https://$EMR:$GATE_PORT/oscar/clinicalConnectEHRViewer.do?demographicNo=1001")
+    "https://$EMR:$port/oscar/clinicalConnectEHRViewer.do?demographicNo=1001")
   curl -sk "${resolve[@]}" -b "$jar" -c "$jar" -L --max-redirs 5 -o /dev/null "$loc"
   awk -F'\t' '$6 == "__Host-ehrgate" { print $7 }' "$jar" | tail -1
 }
 TOKEN=$(new_session bench-hot-path)
-[ -n "$TOKEN" ] || { echo "could not open a viewer session" >&2; cat "$WORK/gate.err" >&2; exit 1; }
+[ -n "$TOKEN" ] || { echo "could not open a viewer session" >&2; cat "$WORK/ehrgate.err" >&2; exit 1; }
+TARGETS="direct nginx emr ehr"
+if [ -n "$BASE_PID" ]; then
+  BASE_TOKEN=$(new_session bench-base-path "$BASE_PORT")
+  [ -n "$BASE_TOKEN" ] || { echo "could not open a viewer session on BASE_BIN" >&2; cat "$WORK/base.err" >&2; exit 1; }
+  TARGETS="direct nginx emr ehr emr-base ehr-base"
+fi
 
 target_args() { # name -> URL and headers for wrk/oha
   case $1 in
@@ -191,9 +212,11 @@ target_args() { # name -> URL and headers for wrk/oha
     nginx) echo "https://127.0.0.1:$NGINX_PORT/chart|Host: $EHR" ;;
     emr) echo "https://127.0.0.1:$GATE_PORT/oscar/provider/providercontrol.jsp|Host: $EMR:$GATE_PORT" ;;
     ehr) echo "https://127.0.0.1:$GATE_PORT/chart|Host: $EHR:$GATE_PORT|Cookie: __Host-ehrgate=$TOKEN" ;;
+    emr-base) echo "https://127.0.0.1:$BASE_PORT/oscar/provider/providercontrol.jsp|Host: $EMR:$BASE_PORT" ;;
+    ehr-base) echo "https://127.0.0.1:$BASE_PORT/chart|Host: $EHR:$BASE_PORT|Cookie: __Host-ehrgate=$BASE_TOKEN" ;;
   esac
 }
-proxy_pids() { case $1 in direct) echo "" ;; nginx) nginx_pids ;; *) echo "$GATE_PID" ;; esac; }
+proxy_pids() { case $1 in direct) echo "" ;; nginx) nginx_pids ;; *-base) echo "$BASE_PID" ;; *) echo "$GATE_PID" ;; esac; }
 
 median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print "n/a"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
@@ -217,7 +240,7 @@ run_wrk() { # target extra-header -> "rps cpu_us_per_req"
 log ""
 log "## Saturation (wrk -t1 -c$CONNS, ${DURATION}s, keep-alive), $REPEATS alternating repeats"
 for rep in $(seq "$REPEATS"); do
-  for t in direct nginx emr ehr; do
+  for t in $TARGETS; do
     read -r rps cpu < <(run_wrk "$t")
     RPS[$t]+="$rps "; CPU[$t]+="$cpu "
     log "  run $rep $t: $rps req/s, proxy CPU ${cpu} µs/req"
@@ -228,7 +251,7 @@ if command -v oha >/dev/null; then
   log ""
   log "## Fixed rate (oha -q $RATE -c $CONNS, ${DURATION}s): latency"
   for rep in $(seq "$REPEATS"); do
-    for t in direct nginx emr ehr; do
+    for t in $TARGETS; do
       IFS='|' read -r -a spec <<< "$(target_args "$t")"
       h=(); for x in "${spec[@]:1}"; do h+=(-H "$x"); done
       json=$(taskset -c "$LOAD_CPU" oha --no-tui --output-format json --insecure -z "${DURATION}s" -q "$RATE" -c "$CONNS" "${h[@]}" "${spec[0]}" 2>/dev/null)
@@ -322,7 +345,7 @@ log "## Summary (medians of $REPEATS)"
 log ""
 log "| target | req/s | proxy CPU µs/req | p50 ms @${RATE}/s | p99 ms @${RATE}/s | req/s ÷ nginx | CPU ÷ nginx | p50 ÷ nginx | p99 ÷ nginx |"
 log "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-for t in direct nginx emr ehr; do
+for t in $TARGETS; do
   r=$(m "${RPS[$t]}"); c=$(m "${CPU[$t]}"); a=$(m "${P50[$t]:-}"); b=$(m "${P99[$t]:-}")
   if [ "$t" = direct ]; then c="—"; fi
   log "| $t | $r | $c | $a | $b | $(ratio "$r" "$(m "${RPS[nginx]}")") | $( [ "$t" = direct ] && echo — || ratio "$c" "$(m "${CPU[nginx]}")") | $(ratio "$a" "$(m "${P50[nginx]:-}")") | $(ratio "$b" "$(m "${P99[nginx]:-}")") |"
