@@ -1,6 +1,7 @@
 //! The admin listener (plain HTTP, loopback by default): `/healthz`, `/readyz`,
-//! `/metrics`. It must never be reachable from the clinic network unless IT staff chose
-//! so in `server.admin_listen`; it carries no patient data.
+//! `/metrics`, open to anyone who can reach it, and admin actions (`POST /admin/*`),
+//! which need a bearer token from `admin.token_file` (see [`auth`]) and are audited with
+//! who took them. It carries no patient data, and accepts nothing a web page could send.
 
 use std::convert::Infallible;
 use std::sync::Arc;
