@@ -190,7 +190,7 @@ fn signing(c: &mut Criterion) {
         ehrgate::tls::dev::generate_signing_key_pem().unwrap(),
     )
     .unwrap();
-    let signer = ContextSigner::load(&path).unwrap();
+    let signer = ContextSigner::load(std::slice::from_ref(&path)).unwrap();
     let p = patient();
     c.bench_function("context/sign_es256", |b| {
         b.iter(|| {

@@ -45,6 +45,7 @@ pub struct Claims<'a> {
 }
 
 pub struct ContextSigner {
+    /// The key that signs (the first configured).
     key: EcdsaKeyPair,
     rng: SystemRandom,
     kid: String,
@@ -53,65 +54,96 @@ pub struct ContextSigner {
     jwks: Bytes,
 }
 
-impl ContextSigner {
-    /// Loads the ES256 private key (PKCS#8 PEM, or SEC1 `EC PRIVATE KEY`).
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        const KEY: &str = "context.signing_key";
-        let pem = std::fs::read(path).map_err(|e| {
+/// Reads one ES256 private key; errors name `key` (the configuration key).
+fn load_key(key: &str, path: &Path) -> Result<EcdsaKeyPair, ConfigError> {
+    let pem = std::fs::read(path).map_err(|e| {
+        ConfigError::new(
+            key,
+            format!(
+                "cannot read {}: {e} (generate one with `openssl genpkey -algorithm EC \
+                 -pkeyopt ec_paramgen_curve:P-256 -out {}`)",
+                path.display(),
+                path.display()
+            ),
+        )
+    })?;
+    let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
+        ConfigError::new(key, format!("{} holds no PEM private key", path.display()))
+    })?;
+    EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.secret_der())
+        .or_else(|_| {
+            EcdsaKeyPair::from_private_key_der(&ECDSA_P256_SHA256_FIXED_SIGNING, der.secret_der())
+        })
+        .map_err(|_| {
             ConfigError::new(
-                KEY,
-                format!(
-                    "cannot read {}: {e} (generate one with `openssl genpkey -algorithm EC \
-                     -pkeyopt ec_paramgen_curve:P-256 -out {}`)",
-                    path.display(),
-                    path.display()
-                ),
+                key,
+                format!("{} is not a P-256 (ES256) private key", path.display()),
             )
-        })?;
-        let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
-            ConfigError::new(KEY, format!("{} holds no PEM private key", path.display()))
-        })?;
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.secret_der())
-            .or_else(|_| {
-                EcdsaKeyPair::from_private_key_der(
-                    &ECDSA_P256_SHA256_FIXED_SIGNING,
-                    der.secret_der(),
-                )
-            })
-            .map_err(|_| {
-                ConfigError::new(
-                    KEY,
-                    format!("{} is not a P-256 (ES256) private key", path.display()),
-                )
-            })?;
-        Ok(Self::from_key(key))
-    }
+        })
+}
 
-    fn from_key(key: EcdsaKeyPair) -> Self {
-        let point = key.public_key().as_ref();
-        // Uncompressed point: 0x04 || X (32 bytes) || Y (32 bytes).
-        let (x, y) = (
-            URL_SAFE_NO_PAD.encode(&point[1..33]),
-            URL_SAFE_NO_PAD.encode(&point[33..65]),
-        );
-        // RFC 7638 thumbprint: the required members, in lexicographic order, no spaces.
-        let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
-        let kid = URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(
-            &aws_lc_rs::digest::SHA256,
-            canonical.as_bytes(),
-        ));
+/// A key's public JWK and its RFC 7638 thumbprint (the `kid`).
+fn public_jwk(key: &EcdsaKeyPair) -> (String, serde_json::Value) {
+    let point = key.public_key().as_ref();
+    // Uncompressed point: 0x04 || X (32 bytes) || Y (32 bytes).
+    let (x, y) = (
+        URL_SAFE_NO_PAD.encode(&point[1..33]),
+        URL_SAFE_NO_PAD.encode(&point[33..65]),
+    );
+    // RFC 7638 thumbprint: the required members, in lexicographic order, no spaces.
+    let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
+    let kid = URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        canonical.as_bytes(),
+    ));
+    let jwk = serde_json::json!({
+        "kty": "EC", "crv": "P-256", "x": x, "y": y,
+        "kid": kid, "use": "sig", "alg": "ES256",
+    });
+    (kid, jwk)
+}
+
+impl ContextSigner {
+    /// Loads the ES256 private keys (PKCS#8 PEM, or SEC1 `EC PRIVATE KEY`): the first
+    /// signs; every one is published in the JWKS under its RFC 7638 thumbprint, so a
+    /// key can be published before it signs and kept after (DESIGN §10).
+    pub fn load(paths: &[std::path::PathBuf]) -> Result<Self, ConfigError> {
+        let mut keys = Vec::with_capacity(paths.len());
+        for (i, path) in paths.iter().enumerate() {
+            let key_name = if paths.len() == 1 {
+                "context.signing_key".to_string()
+            } else {
+                format!("context.signing_key[{i}]")
+            };
+            keys.push(load_key(&key_name, path)?);
+        }
+        let mut published: Vec<(String, serde_json::Value)> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let (kid, jwk) = public_jwk(key);
+            if published.iter().any(|(k, _)| *k == kid) {
+                return Err(ConfigError::new(
+                    format!("context.signing_key[{i}]"),
+                    format!("{} is the same key as an earlier entry", paths[i].display()),
+                ));
+            }
+            published.push((kid, jwk));
+        }
+        let mut keys = keys.into_iter();
+        let key = keys
+            .next()
+            .ok_or_else(|| ConfigError::new("context.signing_key", "list at least one key file"))?;
+        let kid = published[0].0.clone();
         let header = serde_json::json!({"alg": "ES256", "typ": "ehr-context+jwt", "kid": kid});
-        let jwks = serde_json::json!({"keys": [{
-            "kty": "EC", "crv": "P-256", "x": x, "y": y,
-            "kid": kid, "use": "sig", "alg": "ES256",
-        }]});
-        Self {
+        let jwks = serde_json::json!({
+            "keys": published.into_iter().map(|(_, jwk)| jwk).collect::<Vec<_>>()
+        });
+        Ok(Self {
             key,
             rng: SystemRandom::new(),
             header_b64: URL_SAFE_NO_PAD.encode(header.to_string()),
             kid,
             jwks: Bytes::from(jwks.to_string()),
-        }
+        })
     }
 
     pub fn kid(&self) -> &str {
@@ -197,7 +229,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k.pem");
         std::fs::write(&path, crate::tls::dev::generate_signing_key_pem().unwrap()).unwrap();
-        ContextSigner::load(&path).unwrap()
+        ContextSigner::load(&[path]).unwrap()
     }
 
     fn claims() -> Claims<'static> {
@@ -280,11 +312,44 @@ mod tests {
         let path = dir.path().join("k.pem");
         let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
         std::fs::write(&path, ed.serialize_pem()).unwrap();
-        let e = ContextSigner::load(&path).err().unwrap();
+        let e = ContextSigner::load(std::slice::from_ref(&path))
+            .err()
+            .unwrap();
         assert_eq!(e.key, "context.signing_key");
-        let e = ContextSigner::load(&dir.path().join("missing.pem"))
+        let e = ContextSigner::load(&[dir.path().join("missing.pem")])
             .err()
             .unwrap();
         assert!(e.message.contains("cannot read"));
+    }
+
+    #[test]
+    fn every_listed_key_is_published_and_the_first_signs() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths: Vec<std::path::PathBuf> = (0..2)
+            .map(|i| {
+                let p = dir.path().join(format!("k{i}.pem"));
+                std::fs::write(&p, crate::tls::dev::generate_signing_key_pem().unwrap()).unwrap();
+                p
+            })
+            .collect();
+        let both = ContextSigner::load(&paths).unwrap();
+        let first = ContextSigner::load(&paths[..1]).unwrap();
+        let second = ContextSigner::load(&paths[1..]).unwrap();
+        assert_eq!(both.kid(), first.kid(), "the first signs");
+        let jwks: serde_json::Value = serde_json::from_slice(&both.jwks()).unwrap();
+        let kids: Vec<&str> = jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap())
+            .collect();
+        assert_eq!(kids, [first.kid(), second.kid()]);
+        let jws = both.sign(&claims()).unwrap();
+        assert!(verify(&jws, &jwks, 1_800_000_000).is_ok());
+        // The same key twice is a mistake, named.
+        let twice = [paths[0].clone(), dir.path().join("copy.pem")];
+        std::fs::copy(&paths[0], &twice[1]).unwrap();
+        let e = ContextSigner::load(&twice).err().unwrap();
+        assert_eq!(e.key, "context.signing_key[1]");
     }
 }

@@ -300,10 +300,29 @@ impl Default for SessionConfig {
     }
 }
 
+/// `context.signing_key`: a path, or a list of paths (DESIGN §10, key rotation).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum SigningKeys {
+    One(PathBuf),
+    Many(Vec<PathBuf>),
+}
+
+impl SigningKeys {
+    /// The key files in order: the first signs.
+    pub fn paths(&self) -> &[PathBuf] {
+        match self {
+            SigningKeys::One(p) => std::slice::from_ref(p),
+            SigningKeys::Many(v) => v,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ContextConfig {
-    pub signing_key: PathBuf,
+    /// One key file, or a list: the first signs, all are published (rotation).
+    pub signing_key: SigningKeys,
     pub issuer: String,
     pub lifetime: ConfigDuration,
 }
@@ -311,7 +330,7 @@ pub struct ContextConfig {
 impl Default for ContextConfig {
     fn default() -> Self {
         Self {
-            signing_key: "certs/context-signing.pem".into(),
+            signing_key: SigningKeys::One("certs/context-signing.pem".into()),
             issuer: "ehrgate".into(),
             lifetime: ConfigDuration::secs(60),
         }
@@ -652,6 +671,21 @@ impl Config {
 
         self.validate_authorities()?;
 
+        let keys = self.context.signing_key.paths();
+        if keys.is_empty() {
+            return Err(ConfigError::new(
+                "context.signing_key",
+                "list at least one key file (the first signs)",
+            ));
+        }
+        for (i, p) in keys.iter().enumerate() {
+            if keys[..i].contains(p) {
+                return Err(ConfigError::new(
+                    "context.signing_key",
+                    format!("{} is listed twice", p.display()),
+                ));
+            }
+        }
         if self.context.issuer.is_empty() {
             return Err(ConfigError::new("context.issuer", "must not be empty"));
         }

@@ -207,7 +207,7 @@ impl Gateway {
     ) -> Result<Self, ConfigError> {
         check_canonical_paths(&config)?;
         let engine = Engine::new(&config, metrics.clone(), shutdown.clone())?;
-        let signer = ContextSigner::load(&config.context.signing_key)?;
+        let signer = ContextSigner::load(config.context.signing_key.paths())?;
         Ok(Self {
             store: Arc::new(MemoryStore::new(config.session.max_sessions)),
             audit: AuditLog::open(&config.audit),

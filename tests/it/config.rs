@@ -154,6 +154,39 @@ fn values_that_could_not_run_are_refused_at_load() {
 }
 
 #[test]
+fn signing_keys_may_be_a_list_and_an_empty_one_is_refused() {
+    let files = Files::new();
+    let text = valid(&files);
+    let one = format!(
+        "signing_key = {:?}",
+        files.signing_key.display().to_string()
+    );
+    let second = files.path("next.pem");
+    std::fs::write(&second, generate_signing_key_pem().unwrap()).unwrap();
+    let list = format!(
+        "signing_key = [{:?}, {:?}]",
+        files.signing_key.display().to_string(),
+        second.display().to_string()
+    );
+    let (code, stdout, stderr) = check_config(&text.replace(&one, &list));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("next.pem"), "{stdout}");
+    refused(
+        &text.replace(&one, "signing_key = []"),
+        &["context.signing_key", "at least one"],
+    );
+    let twice = format!(
+        "signing_key = [{:?}, {:?}]",
+        files.signing_key.display().to_string(),
+        files.signing_key.display().to_string()
+    );
+    refused(
+        &text.replace(&one, &twice),
+        &["context.signing_key", "listed twice"],
+    );
+}
+
+#[test]
 fn missing_file() {
     let (code, _, stderr) = check_config_path(std::path::Path::new("/nonexistent/ehrgate.toml"));
     assert_eq!(code, 2);
