@@ -86,13 +86,8 @@ impl Gateway {
                     return Err(self.refuse_ticket(ctx, &hash, bound.as_ref(), e, "enter"));
                 }
                 // The nonce goes to this browser alone, in a redirect no page can read.
-                let location = format!(
-                    "https://{}{}/.ehrgate/confirm?ticket={ticket_value}&nonce={}",
-                    self.config.emr.host,
-                    port_suffix(&ctx.host),
-                    nonce.as_str()
-                );
-                let mut resp = redirect(&location);
+                let confirm = ("confirm", "nonce", nonce.as_str());
+                let mut resp = round_trip(&self.config.emr.host, ctx, &ticket_value, confirm);
                 resp.headers_mut().append(
                     SET_COOKIE,
                     cookies::set_for(BIND_COOKIE, &value, self.config.session.ticket_ttl.get()),
@@ -264,13 +259,8 @@ impl Gateway {
             return Err(self.refuse_ticket(ctx, &hash, ticket.as_ref(), e, "confirm"));
         }
         // The code goes to this browser alone; with the binding it redeems the ticket.
-        let location = format!(
-            "https://{}{}/.ehrgate/enter?ticket={ticket_value}&code={}",
-            self.config.ehr.host,
-            port_suffix(&ctx.host),
-            code.as_str()
-        );
-        Ok(redirect(&location))
+        let enter = ("enter", "code", code.as_str());
+        Ok(round_trip(&self.config.ehr.host, ctx, &ticket_value, enter))
     }
 
     /// The ticket a request to enter or confirm presents, as the store has it now.
@@ -366,6 +356,20 @@ fn port_suffix(host: &str) -> String {
     route::host_port(host)
         .map(|p| format!(":{p}"))
         .unwrap_or_default()
+}
+
+/// The next leg of the binding round trip: a redirect to `https://host[:port]/.ehrgate/
+/// {step}?ticket=T&{name}={value}`, on the port the browser used.
+fn round_trip(
+    host: &str,
+    ctx: &Ctx,
+    ticket: &str,
+    (step, name, value): (&str, &str, &str),
+) -> Response<Body> {
+    let port = port_suffix(&ctx.host);
+    redirect(&format!(
+        "https://{host}{port}/.ehrgate/{step}?ticket={ticket}&{name}={value}"
+    ))
 }
 
 /// A 303 that no cache keeps and that sends no Referer (the URL carries a ticket).

@@ -344,7 +344,7 @@ async fn a_victim_cannot_be_entered_into_an_attackers_session() {
     // The attacker confirms with his own marker, without the nonce only the victim saw.
     let bare_confirm = enter.replace("/enter?", "/confirm?");
     assert_eq!(attacker.get(EMR, &bare_confirm).await.status, 403);
-    // Even with the nonce (had it leaked), his marker is not what confirms the victim.
+    // The victim's browser, sent to enter again, is not let in.
     assert_ne!(victim.viewer_get(&enter).await.status, 302);
     assert!(victim.cookie(EHR, "__Host-ehrgate").is_none());
     assert!(clinic.viewer.launches().is_empty());
