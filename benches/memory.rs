@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use ehrgate::config::Authority;
-use ehrgate::session::{EhrSession, EmrSession, MemoryStore, SessionStore, Token, TokenHash};
+use ehrgate::session::{EhrSession, EmrSession, MemoryStore, Token, TokenHash};
 
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");

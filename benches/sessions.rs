@@ -10,8 +10,7 @@ use ehrgate::config::Authority;
 use ehrgate::context::{Claims, ContextSigner, PatientClaims};
 use ehrgate::session::decide;
 use ehrgate::session::{
-    CookieJar, EhrSession, EmrSession, LaunchTicket, MemoryStore, PatientContext, SessionStore,
-    Token, TokenHash,
+    CookieJar, EhrSession, EmrSession, LaunchTicket, MemoryStore, PatientContext, Token, TokenHash,
 };
 use std::hint::black_box;
 

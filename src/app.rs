@@ -119,6 +119,7 @@ pub async fn start_prepared(prepared: Prepared) -> Result<Running, StartError> {
         admin_stop_rx,
     ));
     crate::gateway::spawn_sweeper(gateway.clone());
+    crate::gateway::spawn_store_listener(gateway.clone());
     health.set_ready(true);
     tracing::info!(%proxy_addr, %admin_addr, "ehrgate is serving");
     let task = tokio::spawn(async move {

@@ -81,6 +81,7 @@ pub struct Metrics {
     connections_rejected: AtomicU64,
     tls_handshake_failures: AtomicU64,
     open_tunnels: AtomicI64,
+    store_errors: AtomicU64,
 }
 
 /// Kinds of upstream failure counted separately.
@@ -109,6 +110,7 @@ impl Metrics {
             connections_rejected: AtomicU64::new(0),
             tls_handshake_failures: AtomicU64::new(0),
             open_tunnels: AtomicI64::new(0),
+            store_errors: AtomicU64::new(0),
         }
     }
 
@@ -154,6 +156,15 @@ impl Metrics {
         self.open_tunnels.fetch_sub(1, Relaxed);
     }
 
+    /// A session-store operation that failed (the shared store unreachable).
+    pub fn store_error(&self) {
+        self.store_errors.fetch_add(1, Relaxed);
+    }
+
+    pub fn store_errors(&self) -> u64 {
+        self.store_errors.load(Relaxed)
+    }
+
     pub fn open_connections(&self) -> i64 {
         self.open_connections.load(Relaxed)
     }
@@ -166,6 +177,16 @@ impl Metrics {
     }
 
     fn write_to(&self, out: &mut String) -> std::fmt::Result {
+        writeln!(
+            out,
+            "# HELP ehrgate_store_errors_total Session-store operations that failed (shared store unreachable)."
+        )?;
+        writeln!(out, "# TYPE ehrgate_store_errors_total counter")?;
+        writeln!(
+            out,
+            "ehrgate_store_errors_total {}",
+            self.store_errors.load(Relaxed)
+        )?;
         writeln!(
             out,
             "# HELP ehrgate_requests_total Responses sent to clients, by origin and status."

@@ -25,6 +25,7 @@ use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::problem::Problem;
 use crate::server::Health;
+use crate::session::SessionStore;
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -76,20 +77,41 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
-            if state.health.is_ready() {
-                text(StatusCode::OK, "ready\n")
-            } else {
+            if !state.health.is_ready() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+            } else if let Some(why) = state.gateway.store.unhealthy() {
+                // A load balancer sends clinicians to a replica that can serve them.
+                let mut resp = Response::new(Body::full(format!(
+                    "not ready: the session store is unavailable ({why})\n"
+                )));
+                *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                resp.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                resp
+            } else {
+                text(StatusCode::OK, "ready\n")
             }
         }
         (&Method::GET, "/metrics") => {
             let mut text = state.metrics.render();
-            let c = state.gateway.store.counts();
-            text.push_str("# HELP ehrgate_sessions Sessions and launch tickets held now.\n");
-            text.push_str("# TYPE ehrgate_sessions gauge\n");
-            for (kind, n) in [("emr", c.emr), ("ehr", c.ehr), ("ticket", c.tickets)] {
-                text.push_str(&format!("ehrgate_sessions{{kind=\"{kind}\"}} {n}\n"));
+            match state.gateway.store.counts().await {
+                Ok(c) => {
+                    text.push_str(
+                        "# HELP ehrgate_sessions Sessions and launch tickets held now.\n",
+                    );
+                    text.push_str("# TYPE ehrgate_sessions gauge\n");
+                    for (kind, n) in [("emr", c.emr), ("ehr", c.ehr), ("ticket", c.tickets)] {
+                        text.push_str(&format!("ehrgate_sessions{{kind=\"{kind}\"}} {n}\n"));
+                    }
+                }
+                Err(e) => state.gateway.store_failed(&e),
             }
+            text.push_str(&format!(
+                "# HELP ehrgate_store_up Whether the session store answers (1) or not (0).\n# TYPE ehrgate_store_up gauge\nehrgate_store_up {}\n",
+                u8::from(state.gateway.store.unhealthy().is_none())
+            ));
             let mut resp = Response::new(Body::full(Bytes::from(text)));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
@@ -185,7 +207,10 @@ async fn admin_logout(state: &AdminState, req: &Request<Incoming>) -> Response<B
     ) {
         return p.into_response("admin", json);
     }
-    let n = state.gateway.sign_out_user(user.trim(), None).await;
+    let n = match state.gateway.sign_out_user(user.trim(), None).await {
+        Ok(n) => n,
+        Err(e) => return state.gateway.store_problem(e).into_response("admin", json),
+    };
     let body = serde_json::json!({"user": user.trim(), "signed_out": n});
     let mut resp = Response::new(Body::full(body.to_string()));
     resp.headers_mut()

@@ -287,6 +287,79 @@ pub struct SessionConfig {
     pub max_lifetime: ConfigDuration,
     pub max_sessions: usize,
     pub ticket_ttl: ConfigDuration,
+    /// Where sessions live: this process, or a Redis/Valkey shared by replicas (§9).
+    pub store: StoreKind,
+    /// `redis://[user:pass@]host:port/db` or `rediss://` (TLS); its password is never
+    /// printed (check-config shows `***`).
+    pub redis_url: RedisUrl,
+    /// PEM bundle for a `rediss://` server with a private CA; empty: the system's roots.
+    pub redis_ca: PathBuf,
+    /// Prefix of every key ehrgate writes (several clinics may share one Redis).
+    pub redis_key_prefix: String,
+    /// File of 32 random bytes: the key that encrypts vault jars and patient context at
+    /// rest in Redis. Required with `store = "redis"`.
+    pub store_key: PathBuf,
+}
+
+/// `session.store`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Memory,
+    Redis,
+}
+
+/// A Redis URL whose password never reaches a log or `check-config`'s output.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL itself, password included: for the Redis client only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with its password (if any) replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let s = &self.0;
+        let Some(scheme_end) = s.find("://") else {
+            return s.clone();
+        };
+        let rest = &s[scheme_end + 3..];
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        match rest[..authority_end].rfind('@') {
+            Some(at) => {
+                let userinfo = &rest[..at];
+                let user = userinfo.split(':').next().unwrap_or("");
+                let shown = if userinfo.contains(':') {
+                    format!("{user}:***")
+                } else {
+                    // `redis://secret@host`: the lone userinfo is the password.
+                    "***".to_string()
+                };
+                format!("{}://{shown}{}", &s[..scheme_end], &rest[at..])
+            }
+            None => s.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl Serialize for RedisUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
 }
 
 impl Default for SessionConfig {
@@ -296,6 +369,11 @@ impl Default for SessionConfig {
             max_lifetime: ConfigDuration::hours(12),
             max_sessions: 1_000_000,
             ticket_ttl: ConfigDuration::secs(60),
+            store: StoreKind::Memory,
+            redis_url: RedisUrl::default(),
+            redis_ca: PathBuf::new(),
+            redis_key_prefix: "ehrgate:".into(),
+            store_key: PathBuf::new(),
         }
     }
 }
@@ -670,6 +748,7 @@ impl Config {
         }
 
         self.validate_authorities()?;
+        self.validate_store()?;
 
         let keys = self.context.signing_key.paths();
         if keys.is_empty() {
@@ -696,6 +775,54 @@ impl Config {
                     "{:?} is not a log filter ({e}); write e.g. \"info\" or \"ehrgate=debug,warn\"",
                     self.log.filter
                 ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_store(&self) -> Result<(), ConfigError> {
+        let s = &self.session;
+        if s.store != StoreKind::Redis {
+            return Ok(());
+        }
+        let url = s.redis_url.expose();
+        if url.is_empty() {
+            return Err(ConfigError::new(
+                "session.redis_url",
+                "is required when session.store = \"redis\" (redis://host:6379/0, or rediss:// for TLS)",
+            ));
+        }
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(ConfigError::new(
+                "session.redis_url",
+                format!(
+                    "{:?} must start with redis:// or rediss:// (TLS)",
+                    s.redis_url.redacted()
+                ),
+            ));
+        }
+        if !s.redis_ca.as_os_str().is_empty() && !url.starts_with("rediss://") {
+            return Err(ConfigError::new(
+                "session.redis_ca",
+                "is only used with a rediss:// (TLS) redis_url",
+            ));
+        }
+        if s.store_key.as_os_str().is_empty() {
+            return Err(ConfigError::new(
+                "session.store_key",
+                "is required when session.store = \"redis\": a file of 32 random bytes \
+                 (head -c 32 /dev/urandom > store.key; chmod 600 store.key)",
+            ));
+        }
+        if s.redis_key_prefix.is_empty()
+            || s.redis_key_prefix.len() > 64
+            || s.redis_key_prefix
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(ConfigError::new(
+                "session.redis_key_prefix",
+                "must be 1 to 64 characters without spaces, e.g. \"ehrgate:\"",
             ));
         }
         Ok(())

@@ -13,7 +13,7 @@ use crate::proxy::route::Origin;
 use crate::proxy::Ctx;
 use crate::server::ConnInfo;
 use crate::session::decide::{self, EndReason};
-use crate::session::TokenHash;
+use crate::session::{EmrSeen, SessionStore, TokenHash};
 
 impl Gateway {
     /// An EMR request, in phases: a sign-out trigger in the request (a logout path, an
@@ -41,14 +41,16 @@ impl Gateway {
                     .await;
             }
         } else if let Some(key) = &key {
-            if let Some(emr) = self.store.emr(key) {
-                let now = self.store.now();
-                if decide::emr_idle(&emr, now, self.limits.emr_idle) {
+            let now = self.store.now();
+            match self.store.touch_emr(key, now, self.limits.emr_idle).await {
+                Ok(EmrSeen::Idle) => {
                     self.sign_out_emr(key, EndReason::EmrIdle, Some(ctx.id()))
                         .await;
-                } else {
-                    emr.touch(now);
                 }
+                Ok(EmrSeen::Live | EmrSeen::Unknown) => {}
+                // EMR traffic flows whatever the session store does: the EMR is the
+                // clinician's own system, and its sessions are its own.
+                Err(e) => self.store_failed(&e),
             }
         }
         let out = self.engine.prepare(

@@ -15,12 +15,14 @@ use crate::config::CookieMode;
 use crate::context::{new_jti, Claims, PatientClaims};
 use crate::gateway::Gateway;
 use crate::problem::Problem;
-use crate::proxy::cookies::{self, BIND_COOKIE, EHR_COOKIE, EMR_MARKER_COOKIE};
+use crate::proxy::cookies::{self, BIND_COOKIE, EHR_COOKIE};
 use crate::proxy::route::{self, Origin};
 use crate::proxy::Ctx;
 use crate::server::ConnInfo;
 use crate::session::decide::{self, EndReason, EnterStep, RedeemError};
-use crate::session::{EhrSession, LaunchTicket, OpenedPatient, Token, TokenHash};
+use crate::session::{
+    EhrSession, LaunchTicket, Linked, OpenedPatient, SessionStore, Token, TokenHash,
+};
 
 impl Gateway {
     pub(crate) async fn enter(
@@ -35,29 +37,40 @@ impl Gateway {
             ticket,
             now,
             emr_live,
-        } = self.presented_ticket(ctx, &req, "enter")?;
+        } = self.presented_ticket(ctx, &req, "enter").await?;
         // A binding cookie is reused for every launch of its browser, if it is one of ours.
         let bound_cookie = cookies::get(req.headers(), BIND_COOKIE)
             .filter(|v| Token::is_well_formed(v))
             .map(str::to_owned);
         let binding = bound_cookie.as_deref().map(TokenHash::of);
         let code = form::value(req.uri().query().unwrap_or(""), "code").map(|c| TokenHash::of(&c));
-        let step = decide::enter_step(
+        let step = match decide::enter_step(
             ticket.as_ref(),
             now,
             emr_live,
             binding.as_ref(),
             code.as_ref(),
-        )
-        .map_err(|e| self.refuse_ticket(ctx, &hash, ticket.as_ref(), e, "enter"))?;
+        ) {
+            Ok(step) => step,
+            Err(e) => {
+                return Err(self
+                    .refuse_ticket(ctx, &hash, ticket.as_ref(), e, "enter")
+                    .await)
+            }
+        };
         let t = match (step, binding, code) {
             (EnterStep::Redeem, Some(mine), Some(code)) => {
-                match self.store.take_confirmed_ticket(&hash, &mine, &code) {
+                let taken = self
+                    .store
+                    .take_confirmed_ticket(&hash, &mine, &code)
+                    .await
+                    .map_err(|e| self.refuse_store_down(ctx, "enter", e))?;
+                match taken {
                     Some(t) => t,
                     // Redeemed by a concurrent request of the same browser.
                     None => {
                         let e = RedeemError::UnknownOrUsed;
-                        return Err(self.refuse_ticket(ctx, &hash, None, e, "enter"));
+                        return Err(self.refuse_ticket(ctx, &hash, None, e, "enter").await);
                     }
                 }
             }
@@ -71,7 +84,11 @@ impl Gateway {
                 };
                 let mine = TokenHash::of(&value);
                 let nonce = Token::generate().map_err(|_| rng_failed())?;
-                let bound = self.store.bind_ticket(&hash, mine, nonce.hash());
+                let bound = self
+                    .store
+                    .bind_ticket(&hash, mine, nonce.hash())
+                    .await
+                    .map_err(|e| self.refuse_store_down(ctx, "enter", e))?;
                 if !bound
                     .as_ref()
                     .and_then(|t| t.binding.as_ref())
@@ -83,7 +100,9 @@ impl Gateway {
                     } else {
                         RedeemError::UnknownOrUsed
                     };
-                    return Err(self.refuse_ticket(ctx, &hash, bound.as_ref(), e, "enter"));
+                    return Err(self
+                        .refuse_ticket(ctx, &hash, bound.as_ref(), e, "enter")
+                        .await);
                 }
                 // The nonce goes to this browser alone, in a redirect no page can read.
                 let confirm = ("confirm", "nonce", nonce.as_str());
@@ -109,16 +128,28 @@ impl Gateway {
 
         let token = Token::generate().map_err(|_| rng_failed())?;
         // A fresh session id at every enter; the viewer's cookies (and so its login) stay.
-        let session = match self.store.ehr_of_emr(&t.emr) {
+        let down = |e| self.refuse_store_down(ctx, "enter", e);
+        let existing = self.store.ehr_of_emr(&t.emr).await.map_err(down)?;
+        let reused = match existing {
             Some(s) if s.authority.id == t.authority.id => {
-                self.store.rekey_ehr(&s, token.hash());
-                s
+                // False: it ended meanwhile; a new one is made below.
+                self.store
+                    .rekey_ehr(&s, token.hash())
+                    .await
+                    .map_err(down)?
+                    .then_some(s)
             }
-            other => {
-                if other.is_some() {
-                    self.end_ehr_of(&t.emr, EndReason::AuthorityChange, Some(ctx.id()))
-                        .await;
-                }
+            Some(_) => {
+                self.end_ehr_of(&t.emr, EndReason::AuthorityChange, Some(ctx.id()))
+                    .await;
+                None
+            }
+            None => None,
+        };
+        let mut emr_gone = false;
+        let session = match reused {
+            Some(s) => s,
+            None => {
                 let s = Arc::new(EhrSession::new(
                     t.emr,
                     t.user.clone(),
@@ -126,28 +157,40 @@ impl Gateway {
                     token.hash(),
                     now,
                 ));
-                if let Some(replaced) = self.store.insert_ehr(s.clone()) {
+                match self.store.insert_ehr(s.clone()).await.map_err(down)? {
+                    Linked::New => {}
                     // A concurrent enter of the same EMR session (a double click): the
                     // one replaced ends with every effect, never silently.
-                    self.finish_ehr(replaced, EndReason::AuthorityChange, Some(ctx.id()))
-                        .await;
+                    Linked::Replaced(replaced) => {
+                        self.finish_ehr(replaced, EndReason::AuthorityChange, Some(ctx.id()))
+                            .await
+                    }
+                    Linked::EmrGone => emr_gone = true,
                 }
                 s
             }
         };
         // Signed out while this enter was under way: the sign-out may not have seen the
         // session just linked, so this enter ends it itself and grants nothing.
-        if self.store.emr(&t.emr).is_none_or(|e| e.is_ended()) {
+        let emr_gone = emr_gone
+            || self
+                .store
+                .emr(&t.emr)
+                .await
+                .map_err(down)?
+                .is_none_or(|e| e.is_ended());
+        if emr_gone {
             self.end_ehr_of(&t.emr, EndReason::EmrGone, Some(ctx.id()))
                 .await;
             let e = RedeemError::EmrSessionEnded;
-            return Err(self.refuse_ticket(ctx, &hash, Some(&t), e, "enter"));
+            return Err(self.refuse_ticket(ctx, &hash, Some(&t), e, "enter").await);
         }
         session.touch(now);
         *session.patient.lock().expect("patient lock") = OpenedPatient {
             demographic_no: t.patient.demographic_no.parse().unwrap_or_default(),
             hcn_hmac: self.audit.hcn_tag(&t.patient.hcn),
         };
+        self.store.save_ehr(&session).await.map_err(down)?;
 
         let unix = time::OffsetDateTime::now_utc().unix_timestamp();
         // The viewer's origin as configured (with the port the browser used), never the
@@ -215,7 +258,7 @@ impl Gateway {
         }
         let inject = self.wants_injection(&mut out.parts.headers);
         let resp = self.engine.exchange(Origin::Ehr, out, None).await?;
-        let mut resp = self.viewer_response(resp, &session, inject);
+        let mut resp = self.viewer_response(resp, &session, inject).await?;
         let h = resp.headers_mut();
         h.append(SET_COOKIE, cookies::set(EHR_COOKIE, token.as_str()));
         h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -237,26 +280,41 @@ impl Gateway {
             ticket,
             now,
             emr_live,
-        } = self.presented_ticket(ctx, req, "confirm")?;
-        let marker_emr = cookies::get_all(req.headers(), EMR_MARKER_COOKIE)
-            .find_map(|m| self.store.emr_by_marker(&TokenHash::of(m)))
+        } = self.presented_ticket(ctx, req, "confirm").await?;
+        let marker_emr = self
+            .emr_of_marker(req.headers())
+            .await
+            .map_err(|e| self.refuse_store_down(ctx, "confirm", e))?
             .map(|emr| emr.key);
         let nonce =
             form::value(req.uri().query().unwrap_or(""), "nonce").map(|n| TokenHash::of(&n));
-        decide::confirm(
+        let decided = decide::confirm(
             ticket.as_ref(),
             now,
             emr_live,
             marker_emr.as_ref(),
             nonce.as_ref(),
-        )
-        .map_err(|e| self.refuse_ticket(ctx, &hash, ticket.as_ref(), e, "confirm"))?;
+        );
+        if let Err(e) = decided {
+            return Err(self
+                .refuse_ticket(ctx, &hash, ticket.as_ref(), e, "confirm")
+                .await);
+        }
         let code = Token::generate().map_err(|_| rng_failed())?;
-        let spent = nonce.is_some_and(|n| self.store.confirm_ticket(&hash, &n, code.hash()));
+        let spent = match nonce {
+            Some(n) => self
+                .store
+                .confirm_ticket(&hash, &n, code.hash())
+                .await
+                .map_err(|e| self.refuse_store_down(ctx, "confirm", e))?,
+            None => false,
+        };
         if !spent {
             // The nonce was used meanwhile: this is not the round trip it was made for.
             let e = RedeemError::OtherBrowser;
-            return Err(self.refuse_ticket(ctx, &hash, ticket.as_ref(), e, "confirm"));
+            return Err(self
+                .refuse_ticket(ctx, &hash, ticket.as_ref(), e, "confirm")
+                .await);
         }
         // The code goes to this browser alone; with the binding it redeems the ticket.
         let enter = ("enter", "code", code.as_str());
@@ -264,7 +322,7 @@ impl Gateway {
     }
 
     /// The ticket a request to enter or confirm presents, as the store has it now.
-    fn presented_ticket(
+    async fn presented_ticket(
         &self,
         ctx: &Ctx,
         req: &Request<()>,
@@ -273,14 +331,17 @@ impl Gateway {
         let query = req.uri().query().unwrap_or("");
         let Some(value) = form::value(query, "ticket") else {
             let nothing = TokenHash::of("");
-            return Err(self.refuse_ticket(ctx, &nothing, None, RedeemError::UnknownOrUsed, step));
+            let e = RedeemError::UnknownOrUsed;
+            return Err(self.refuse_ticket(ctx, &nothing, None, e, step).await);
         };
         let value = value.into_owned();
         let hash = TokenHash::of(&value);
-        let ticket = self.store.peek_ticket(&hash);
-        let emr_live = ticket
-            .as_ref()
-            .is_some_and(|t| self.store.emr(&t.emr).is_some());
+        let down = |e| self.refuse_store_down(ctx, step, e);
+        let ticket = self.store.peek_ticket(&hash).await.map_err(down)?;
+        let emr_live = match &ticket {
+            Some(t) => self.store.emr(&t.emr).await.map_err(down)?.is_some(),
+            None => false,
+        };
         Ok(Presented {
             value,
             hash,
@@ -294,7 +355,7 @@ impl Gateway {
     /// ("relaunch from the EMR"); 403 when another browser presented it, and then the
     /// ticket is spent, so that nothing another browser did can make it work later.
     /// Audited as `deny`.
-    fn refuse_ticket(
+    async fn refuse_ticket(
         &self,
         ctx: &Ctx,
         hash: &TokenHash,
@@ -303,7 +364,10 @@ impl Gateway {
         step: &str,
     ) -> Problem {
         if e == RedeemError::OtherBrowser {
-            self.store.take_ticket(hash);
+            // Best effort: with the store down the ticket expires on its own.
+            if let Err(e) = self.store.take_ticket(hash).await {
+                self.store_failed(&e);
+            }
         }
         let why = match e {
             RedeemError::UnknownOrUsed => "unknown or used ticket",

@@ -14,7 +14,8 @@ use crate::body::Body;
 use crate::gateway::Gateway;
 use crate::problem::{BoxError, Problem};
 use crate::proxy::cookies::{self, EHR_COOKIE};
-use crate::session::TokenHash;
+use crate::proxy::Ctx;
+use crate::session::{SessionStore, TokenHash};
 
 /// A comment line keeps idle proxies and browsers from dropping the stream.
 const HEARTBEAT: Duration = Duration::from_secs(20);
@@ -85,9 +86,23 @@ impl http_body::Body for EventBody {
 }
 
 impl Gateway {
-    pub(crate) fn events(&self, req: &Request<()>) -> Result<Response<Body>, Problem> {
-        let session = cookies::get_all(req.headers(), EHR_COOKIE)
-            .find_map(|v| self.store.ehr(&TokenHash::of(v)));
+    pub(crate) async fn events(
+        &self,
+        ctx: &Ctx,
+        req: &Request<()>,
+    ) -> Result<Response<Body>, Problem> {
+        let mut session = None;
+        for v in cookies::get_all(req.headers(), EHR_COOKIE) {
+            let found = self
+                .store
+                .viewer_session(&TokenHash::of(v), None)
+                .await
+                .map_err(|e| self.refuse_store_down(ctx, "event stream", e))?;
+            if let Some(found) = found {
+                session = Some(found.ehr);
+                break;
+            }
+        }
         let Some(session) = session else {
             return Err(self.ehr_session_ended(req.headers()));
         };

@@ -16,7 +16,9 @@ use crate::proxy::route;
 use crate::proxy::Ctx;
 use crate::server::ConnInfo;
 use crate::session::decide::{self, AuthorityError, EndReason};
-use crate::session::{EmrSession, LaunchTicket, PatientContext, Token, TokenHash};
+use crate::session::{
+    EmrSession, LaunchTicket, PatientContext, SessionStore, StoreError, Token, TokenHash,
+};
 
 /// What the audit says of a refused launch, and the page the clinician sees.
 struct Denied {
@@ -190,10 +192,18 @@ impl Gateway {
 
         // The EMR session, registered at its first launch.
         let now = self.store.now();
+        let down = |e: StoreError| {
+            let detail = match e {
+                StoreError::Full => "session store full",
+                StoreError::Unavailable(_) => "session store unavailable",
+            };
+            denied(detail, self.store_problem(e))
+        };
         let mut emr = self
             .store
             .insert_emr(EmrSession::new(emr_key, user.clone(), now))
-            .map_err(|_| denied("session store full", store_full()))?;
+            .await
+            .map_err(down)?;
         if *emr.user != *user {
             // The same EMR cookie now belongs to another user: the old login is over.
             self.sign_out_emr(&emr_key, EndReason::EmrGone, Some(ctx.id()))
@@ -201,11 +211,12 @@ impl Gateway {
             emr = self
                 .store
                 .insert_emr(EmrSession::new(emr_key, user.clone(), now))
-                .map_err(|_| denied("session store full", store_full()))?;
+                .await
+                .map_err(down)?;
         }
         emr.touch(now);
 
-        if let Some(existing) = self.store.ehr_of_emr(&emr_key) {
+        if let Some(existing) = self.store.ehr_of_emr(&emr_key).await.map_err(down)? {
             if decide::must_end_for_authority(Some(&existing), authority) {
                 self.end_ehr_of(&emr_key, EndReason::AuthorityChange, Some(ctx.id()))
                     .await;
@@ -229,7 +240,8 @@ impl Gateway {
                     redeem_code: None,
                 },
             )
-            .map_err(|_| denied("ticket store full", store_full()))?;
+            .await
+            .map_err(down)?;
 
         let record = Record::new(Event::Launch, "ok")
             .user(&user)
@@ -238,25 +250,28 @@ impl Gateway {
             .request_id(ctx.id())
             .detail(if mrp { "mrp" } else { "not_mrp" });
         if let Err(p) = self.audit_or_refuse(&record) {
-            self.store.take_ticket(&ticket.hash());
+            if let Err(e) = self.store.take_ticket(&ticket.hash()).await {
+                self.store_failed(&e);
+            }
             return Err(denied("audit log unwritable", p));
         }
 
         // Keep the browser's marker if it already names this EMR session.
-        let marker = cookies::get(req.headers(), EMR_MARKER_COOKIE)
-            .map(TokenHash::of)
-            .filter(|m| {
-                self.store
-                    .emr_by_marker(m)
-                    .is_some_and(|s| s.key == emr_key)
-            });
-        let new_marker = match marker {
-            Some(_) => None,
-            None => {
-                let m = Token::generate().map_err(|_| denied("RNG failure", rng_failed()))?;
-                self.store.add_marker(m.hash(), &emr);
-                Some(m)
-            }
+        let marker_names_this = match cookies::get(req.headers(), EMR_MARKER_COOKIE) {
+            Some(m) => self
+                .store
+                .emr_by_marker(&TokenHash::of(m))
+                .await
+                .map_err(down)?
+                .is_some_and(|s| s.key == emr_key),
+            None => false,
+        };
+        let new_marker = if marker_names_this {
+            None
+        } else {
+            let m = Token::generate().map_err(|_| denied("RNG failure", rng_failed()))?;
+            self.store.add_marker(m.hash(), &emr).await.map_err(down)?;
+            Some(m)
         };
 
         let port = route::host_port(&ctx.host)
@@ -411,16 +426,6 @@ fn login_first() -> Problem {
         "The EHR opens from a logged-in EMR session, and this browser has none (or it has ended).",
     )
     .hint("Log in to the EMR, open the patient's chart and press EHR again.")
-}
-
-fn store_full() -> Problem {
-    Problem::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "sessions_full",
-        "Too many sessions",
-        "ehrgate holds as many sessions as it is configured for (session.max_sessions).",
-    )
-    .hint("Try again in a few minutes; tell your IT staff if it persists.")
 }
 
 pub(super) fn rng_failed() -> Problem {

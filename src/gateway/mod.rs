@@ -31,6 +31,7 @@ pub(crate) mod form;
 mod inject;
 mod launch;
 mod overlay;
+mod pending;
 mod signout;
 mod sweep;
 mod viewer;
@@ -56,9 +57,21 @@ use crate::problem::{Problem, Side};
 use crate::proxy::route::{self, Origin};
 use crate::proxy::{headers, path, Ctx, Engine};
 use crate::server::{ConnInfo, Handler};
-use crate::session::{MemoryStore, Millis, SessionStore};
+use crate::session::{MemoryStore, Millis, RedisStore, Sessions, StoreError, StoreLimits};
 
 pub use sweep::spawn_sweeper;
+
+/// With a shared store: listens for sign-outs published by every replica (closing this
+/// replica's event streams, tunnels and streaming responses of those sessions).
+pub fn spawn_store_listener(gateway: Arc<Gateway>) {
+    if gateway.store.is_shared() {
+        tokio::spawn(async move {
+            if let Sessions::Redis(r) = &*gateway.store {
+                r.listen().await;
+            }
+        });
+    }
+}
 
 impl Handler for Gateway {
     fn handle(
@@ -79,6 +92,17 @@ pub struct SessionLimits {
     pub ticket_ttl: Millis,
     /// Bound on the server-to-server viewer logout call.
     pub viewer_logout: std::time::Duration,
+}
+
+impl SessionLimits {
+    pub fn store(&self) -> StoreLimits {
+        StoreLimits {
+            emr_idle: self.emr_idle,
+            ehr_idle: self.ehr_idle,
+            ehr_lifetime: self.ehr_lifetime,
+            ticket_ttl: self.ticket_ttl,
+        }
+    }
 }
 
 impl From<&Config> for SessionLimits {
@@ -146,7 +170,9 @@ impl RequestIds {
 pub struct Gateway {
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
-    pub store: Arc<dyn SessionStore>,
+    pub store: Arc<Sessions>,
+    /// Sign-outs a shared-store outage held back, retried until they land.
+    pub(crate) pending: pending::PendingSignOuts,
     pub audit: AuditLog,
     pub signer: ContextSigner,
     pub(crate) limits: SessionLimits,
@@ -208,11 +234,26 @@ impl Gateway {
         check_canonical_paths(&config)?;
         let engine = Engine::new(&config, metrics.clone(), shutdown.clone())?;
         let signer = ContextSigner::load(config.context.signing_key.paths())?;
+        let limits = SessionLimits::from(&*config);
+        let authorities: Vec<Arc<crate::config::Authority>> =
+            config.authorities.iter().cloned().map(Arc::new).collect();
+        let store = match config.session.store {
+            crate::config::StoreKind::Memory => {
+                Sessions::Memory(MemoryStore::new(config.session.max_sessions))
+            }
+            crate::config::StoreKind::Redis => Sessions::Redis(RedisStore::new(
+                &config.session,
+                limits.store(),
+                authorities.clone(),
+                shutdown.clone(),
+            )?),
+        };
         Ok(Self {
-            store: Arc::new(MemoryStore::new(config.session.max_sessions)),
+            store: Arc::new(store),
+            pending: pending::PendingSignOuts::default(),
             audit: AuditLog::open(&config.audit),
-            limits: SessionLimits::from(&*config),
-            authorities: config.authorities.iter().cloned().map(Arc::new).collect(),
+            limits,
+            authorities,
             signer,
             metrics,
             engine,
@@ -433,7 +474,7 @@ impl Gateway {
             }
             (Origin::Emr, "/.ehrgate/status") => {
                 known(&Method::GET)?;
-                Ok(self.status(&req))
+                self.status(&req).await
             }
             (Origin::Emr, "/.ehrgate/confirm") => {
                 // Only GET: a HEAD would spend or confirm a ticket for a response nobody sees.
@@ -455,12 +496,44 @@ impl Gateway {
             }
             (Origin::Ehr, "/.ehrgate/events") => {
                 known(&Method::GET)?;
-                self.events(&req)
+                self.events(ctx, &req).await
             }
             _ => Err(
                 Problem::not_found(format!("{path} is not an ehrgate endpoint."))
                     .hint("Open the EMR from its usual address."),
             ),
+        }
+    }
+
+    /// Counts a failure of the shared session store (and logs it, without its secrets).
+    pub(crate) fn store_failed(&self, e: &StoreError) {
+        self.metrics.store_error();
+        warn!(error = %e, "session store failed");
+    }
+
+    /// The 503 for a request that needs the session store while it cannot answer: fail
+    /// closed, nothing is forwarded.
+    pub(crate) fn store_problem(&self, e: StoreError) -> Problem {
+        match e {
+            StoreError::Full => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sessions_full",
+                "Too many sessions",
+                "ehrgate holds as many sessions as it is configured for (session.max_sessions).",
+            )
+            .hint("Try again in a few minutes; tell your IT staff if it persists."),
+            StoreError::Unavailable(_) => {
+                self.store_failed(&e);
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "sessions_unavailable",
+                    "Sessions are unavailable",
+                    "Sessions are unavailable; try again shortly. ehrgate cannot reach its session store, so no EHR access is granted meanwhile.",
+                )
+                .hint("Try again in a minute; tell your IT staff if it persists (the session store, Redis, is unreachable).")
+                .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("5"))
+                .cause(e)
+            }
         }
     }
 

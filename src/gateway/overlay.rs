@@ -13,7 +13,7 @@ use crate::problem::Problem;
 use crate::proxy::cookies::{self, EMR_MARKER_COOKIE};
 use crate::proxy::Ctx;
 use crate::session::decide::EndReason;
-use crate::session::{EhrSession, EmrSession, TokenHash};
+use crate::session::{EhrSession, EmrSession, SessionStore, StoreError, TokenHash};
 
 fn authority_json(a: &Authority) -> serde_json::Value {
     json!({"id": a.id, "name": a.name, "default": a.default})
@@ -21,9 +21,16 @@ fn authority_json(a: &Authority) -> serde_json::Value {
 
 impl Gateway {
     /// The EMR session the `__Host-ehrgate-emr` marker names, if still live.
-    fn emr_of_marker(&self, headers: &HeaderMap) -> Option<std::sync::Arc<EmrSession>> {
-        cookies::get_all(headers, EMR_MARKER_COOKIE)
-            .find_map(|m| self.store.emr_by_marker(&TokenHash::of(m)))
+    pub(crate) async fn emr_of_marker(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<Option<std::sync::Arc<EmrSession>>, StoreError> {
+        for m in cookies::get_all(headers, EMR_MARKER_COOKIE) {
+            if let Some(emr) = self.store.emr_by_marker(&TokenHash::of(m)).await? {
+                return Ok(Some(emr));
+            }
+        }
+        Ok(None)
     }
 
     fn status_json(&self, ehr: Option<&EhrSession>) -> serde_json::Value {
@@ -34,11 +41,17 @@ impl Gateway {
         })
     }
 
-    pub(crate) fn status(&self, req: &Request<()>) -> Response<Body> {
-        let ehr = self
-            .emr_of_marker(req.headers())
-            .and_then(|emr| self.store.ehr_of_emr(&emr.key));
-        json_response(StatusCode::OK, &self.status_json(ehr.as_deref()))
+    pub(crate) async fn status(&self, req: &Request<()>) -> Result<Response<Body>, Problem> {
+        let ehr = match self.emr_of_marker(req.headers()).await {
+            Ok(Some(emr)) => self.store.ehr_of_emr(&emr.key).await,
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| self.store_problem(e))?;
+        Ok(json_response(
+            StatusCode::OK,
+            &self.status_json(ehr.as_deref()),
+        ))
     }
 
     pub(crate) async fn disconnect(
@@ -61,8 +74,16 @@ impl Gateway {
                 "Disconnect works only from the EMR's own pages.",
             ));
         }
-        if let Some(emr) = self.emr_of_marker(req.headers()) {
-            let ehr = self.store.ehr_of_emr(&emr.key);
+        let emr = self
+            .emr_of_marker(req.headers())
+            .await
+            .map_err(|e| self.store_problem(e))?;
+        if let Some(emr) = emr {
+            let ehr = self
+                .store
+                .ehr_of_emr(&emr.key)
+                .await
+                .map_err(|e| self.store_problem(e))?;
             if self
                 .end_ehr_of(&emr.key, EndReason::Disconnect, Some(ctx.id()))
                 .await

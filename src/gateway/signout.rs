@@ -2,6 +2,11 @@
 //! first (the very next viewer request is refused), then its watchers are told (event
 //! streams get `logout`, tunnels close), then the viewer is signed out server-to-server
 //! (bounded time; a failure is audited, the local sign-out stands), then the audit.
+//!
+//! With a shared store that cannot be reached, a sign-out cannot leave the map: it is
+//! kept here and retried (every sweep, and before any viewer request of that session is
+//! let through), so a logout seen while Redis was down still ends the EHR session the
+//! moment Redis is back.
 
 use std::sync::Arc;
 
@@ -14,7 +19,7 @@ use crate::body::Body;
 use crate::gateway::Gateway;
 use crate::proxy::route::Origin;
 use crate::session::decide::EndReason;
-use crate::session::{EhrSession, TokenHash};
+use crate::session::{EhrSession, SessionStore, TokenHash};
 
 impl Gateway {
     /// Ends an EMR session and everything linked to it. Returns whether there was one.
@@ -24,13 +29,18 @@ impl Gateway {
         reason: EndReason,
         request_id: Option<&str>,
     ) -> bool {
-        let Some(emr) = self.store.remove_emr(key) else {
-            return false;
+        let (emr, ehr) = match self.store.end_emr(key).await {
+            Ok(Some(ended)) => ended,
+            Ok(None) => return false,
+            Err(e) => {
+                self.store_failed(&e);
+                self.pending.remember(*key, true, reason);
+                warn!(session = %key.label(), "EMR sign-out kept to retry: the session store is unavailable");
+                return false;
+            }
         };
-        if !emr.end() {
-            return false;
-        }
-        if let Some(ehr) = self.store.remove_ehr_of_emr(key) {
+        self.pending.forget(key);
+        if let Some(ehr) = ehr {
             self.finish_ehr(ehr, reason, request_id).await;
         }
         let mut record = Record::new(Event::EmrLogout, "ok")
@@ -51,26 +61,56 @@ impl Gateway {
         reason: EndReason,
         request_id: Option<&str>,
     ) -> bool {
-        match self.store.remove_ehr_of_emr(emr) {
-            Some(ehr) => {
+        match self.store.remove_ehr_of_emr(emr).await {
+            Ok(Some(ehr)) => {
+                self.pending.forget_ehr(emr);
                 self.finish_ehr(ehr, reason, request_id).await;
                 true
             }
-            None => false,
+            Ok(None) => {
+                self.pending.forget_ehr(emr);
+                false
+            }
+            Err(e) => {
+                self.store_failed(&e);
+                self.pending.remember(*emr, false, reason);
+                warn!(session = %emr.label(), "EHR sign-out kept to retry: the session store is unavailable");
+                false
+            }
         }
     }
 
+    /// Retries the sign-outs a store outage held back; returns how many remain.
+    pub(crate) async fn retry_pending(&self) -> usize {
+        for (key, emr_side, reason) in self.pending.all() {
+            if emr_side {
+                self.sign_out_emr(&key, reason, None).await;
+            } else {
+                self.end_ehr_of(&key, reason, None).await;
+            }
+        }
+        self.pending.len()
+    }
+
     /// Every EMR session of a user (admin sign-out); returns how many ended.
-    pub async fn sign_out_user(&self, user: &str, request_id: Option<&str>) -> usize {
-        let keys = self.store.emr_keys_of_user(user);
+    pub async fn sign_out_user(
+        &self,
+        user: &str,
+        request_id: Option<&str>,
+    ) -> Result<usize, crate::session::StoreError> {
+        let keys = self
+            .store
+            .emr_keys_of_user(user)
+            .await
+            .inspect_err(|e| self.store_failed(e))?;
         let ends = keys
             .iter()
             .map(|k| self.sign_out_emr(k, EndReason::Admin, request_id));
-        futures_util::future::join_all(ends)
+        Ok(futures_util::future::join_all(ends)
             .await
             .into_iter()
             .filter(|ended| *ended)
-            .count()
+            .count())
     }
 
     pub(crate) async fn finish_ehr(
@@ -79,9 +119,10 @@ impl Gateway {
         reason: EndReason,
         request_id: Option<&str>,
     ) {
-        if !ehr.close() {
-            return;
-        }
+        // The store handed this session to this caller alone (its removal is atomic), so
+        // the effects run once here; a handle that a sign-out message from another
+        // replica already closed is closed again harmlessly.
+        ehr.close();
         let (result, detail) = match self.viewer_logout(&ehr).await {
             Ok(status) => (
                 "ok",

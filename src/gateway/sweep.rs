@@ -9,6 +9,7 @@ use tracing::debug;
 
 use crate::gateway::Gateway;
 use crate::session::decide::{self, EndReason};
+use crate::session::SessionStore;
 
 /// Sweeps at a quarter of the shortest limit, between 100 ms and 30 s.
 pub fn interval(gateway: &Gateway) -> Duration {
@@ -35,36 +36,55 @@ pub fn spawn_sweeper(gateway: Arc<Gateway>) {
     });
 }
 
-/// One pass over the store.
+/// One pass: sign-outs held back by a store outage first, then what the store lists as
+/// idle, expired or orphaned, then this replica's live handles checked against the store.
 async fn sweep(gateway: &Gateway) {
+    let pending = gateway.retry_pending().await;
     let store = &gateway.store;
     let l = gateway.limits;
     let now = store.now();
-    let tickets = store.drop_expired_tickets(now);
-    let idle_emr = store.emr_where(&|s| decide::emr_idle(s, now, l.emr_idle));
-    for key in &idle_emr {
+    let found = match store.sweep_candidates(now, l.store()).await {
+        Ok(found) => found,
+        Err(e) => {
+            gateway.store_failed(&e);
+            return;
+        }
+    };
+    for key in &found.idle_emr {
         gateway.sign_out_emr(key, EndReason::EmrIdle, None).await;
     }
-    let expired =
-        store.ehr_where(&|s| decide::ehr_expired(s, now, l.ehr_idle, l.ehr_lifetime).is_some());
-    for emr in &expired {
-        let reason = store
-            .ehr_of_emr(emr)
-            .and_then(|s| decide::ehr_expired(&s, now, l.ehr_idle, l.ehr_lifetime))
-            .unwrap_or(EndReason::EhrIdle);
+    for emr in &found.expired_ehr {
+        let reason = match store.ehr_of_emr(emr).await {
+            Ok(Some(s)) => decide::ehr_expired(&s, now, l.ehr_idle, l.ehr_lifetime),
+            _ => None,
+        }
+        .unwrap_or(EndReason::EhrIdle);
         gateway.end_ehr_of(emr, reason, None).await;
     }
     // An EHR session whose EMR session is gone (an enter that raced a sign-out).
-    let orphans = store.ehr_where(&|s| store.emr(&s.emr).is_none());
-    for emr in &orphans {
+    for emr in &found.orphan_ehr {
         gateway.end_ehr_of(emr, EndReason::EmrGone, None).await;
     }
-    if tickets + idle_emr.len() + expired.len() + orphans.len() > 0 {
+    let rechecked = match store.recheck_live().await {
+        Ok(n) => n,
+        Err(e) => {
+            gateway.store_failed(&e);
+            0
+        }
+    };
+    let n = found.tickets_dropped
+        + found.idle_emr.len()
+        + found.expired_ehr.len()
+        + found.orphan_ehr.len()
+        + rechecked;
+    if n > 0 || pending > 0 {
         debug!(
-            tickets,
-            emr = idle_emr.len(),
-            ehr = expired.len(),
-            orphans = orphans.len(),
+            tickets = found.tickets_dropped,
+            emr = found.idle_emr.len(),
+            ehr = found.expired_ehr.len(),
+            orphans = found.orphan_ehr.len(),
+            rechecked,
+            pending,
             "swept"
         );
     }

@@ -25,42 +25,76 @@ use crate::proxy::route::Origin;
 use crate::proxy::Ctx;
 use crate::server::ConnInfo;
 use crate::session::decide::{self, EndReason};
-use crate::session::{EhrSession, TokenHash};
+use crate::session::{EhrSession, SessionStore, StoreError, TokenHash, ViewerSession};
 
 /// Why a viewer response was cut.
 const SIGNED_OUT: &str = "the EHR session ended while the viewer's response was streaming";
 
 impl Gateway {
     /// The live EHR session the request's `__Host-ehrgate` names, after enforcing its
-    /// limits and its EMR session's; `None` means the request must be refused.
+    /// limits and its EMR session's; `None` means the request must be refused. One store
+    /// look-up (in Redis, one round trip for both sessions and the jar).
     pub(crate) async fn live_ehr_session(
         &self,
         headers: &HeaderMap,
         ctx: &Ctx,
-    ) -> Option<Arc<EhrSession>> {
-        let session = cookies::get_all(headers, EHR_COOKIE)
-            .find_map(|v| self.store.ehr(&TokenHash::of(v)))?;
+    ) -> Result<Option<Arc<EhrSession>>, StoreError> {
         let now = self.store.now();
+        let mut found = None;
+        for v in cookies::get_all(headers, EHR_COOKIE) {
+            if let Some(s) = self
+                .store
+                .viewer_session(&TokenHash::of(v), Some(now))
+                .await?
+            {
+                found = Some(s);
+                break;
+            }
+        }
+        let Some(ViewerSession { ehr: session, emr }) = found else {
+            return Ok(None);
+        };
+        // A sign-out held back by a store outage is done before anything else.
+        if let Some((emr_side, reason)) = self.pending.holds(&session.emr) {
+            if emr_side {
+                self.sign_out_emr(&session.emr, reason, Some(ctx.id()))
+                    .await;
+            } else {
+                self.end_ehr_of(&session.emr, reason, Some(ctx.id())).await;
+            }
+            return Ok(None);
+        }
         let l = &self.limits;
         if let Some(reason) = decide::ehr_expired(&session, now, l.ehr_idle, l.ehr_lifetime) {
             self.end_ehr_of(&session.emr, reason, Some(ctx.id())).await;
-            return None;
+            return Ok(None);
         }
-        match self.store.emr(&session.emr) {
+        match emr {
             None => {
                 self.end_ehr_of(&session.emr, EndReason::EmrGone, Some(ctx.id()))
                     .await;
-                return None;
+                return Ok(None);
             }
             Some(emr) if decide::emr_idle(&emr, now, l.emr_idle) => {
                 self.sign_out_emr(&emr.key, EndReason::EmrIdle, Some(ctx.id()))
                     .await;
-                return None;
+                return Ok(None);
             }
             Some(_) => {}
         }
         session.touch(now);
-        Some(session)
+        Ok(Some(session))
+    }
+
+    /// A refusal of a viewer-host request because the session store cannot answer:
+    /// 503, audited as `deny` (someone was refused access), nothing forwarded.
+    pub(crate) fn refuse_store_down(&self, ctx: &Ctx, what: &str, e: StoreError) -> Problem {
+        self.audit_best_effort(
+            &Record::new(Event::Deny, "refused")
+                .request_id(ctx.id())
+                .detail(format!("{what}: session store unavailable")),
+        );
+        self.store_problem(e)
     }
 
     /// A viewer request, in phases: session check → request filter (the engine's rules,
@@ -73,9 +107,16 @@ impl Gateway {
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Problem> {
         // Session check.
-        let Some(session) = self.live_ehr_session(req.headers(), ctx).await else {
-            let problem = self.ehr_session_ended(req.headers());
-            return Err(self.engine.refuse_unread(req, problem).await);
+        let session = match self.live_ehr_session(req.headers(), ctx).await {
+            Ok(Some(session)) => session,
+            Ok(None) => {
+                let problem = self.ehr_session_ended(req.headers());
+                return Err(self.engine.refuse_unread(req, problem).await);
+            }
+            Err(e) => {
+                let problem = self.refuse_store_down(ctx, "viewer request", e);
+                return Err(self.engine.refuse_unread(req, problem).await);
+            }
         };
         // Request filter.
         let path = req.uri().path().to_owned();
@@ -114,7 +155,7 @@ impl Gateway {
             .engine
             .exchange(Origin::Ehr, out, Some(session.close_signal()))
             .await?;
-        Ok(self.viewer_response(resp, &session, inject))
+        self.viewer_response(resp, &session, inject).await
     }
 
     /// The 401 for a viewer request without a live session, expiring what the browser
@@ -254,21 +295,28 @@ impl Gateway {
     /// them from the browser), and the session script into its pages.
     /// The body is cut the moment the session ends: nothing of the viewer flows after a
     /// sign-out, a report download or a long poll no more than a WebSocket.
-    pub(crate) fn viewer_response(
+    pub(crate) async fn viewer_response(
         &self,
         resp: Response<Body>,
         session: &Arc<EhrSession>,
         inject: bool,
-    ) -> Response<Body> {
+    ) -> Result<Response<Body>, Problem> {
         let (mut parts, body) = resp.into_parts();
         if parts.headers.contains_key(SET_COOKIE) {
             let unix = time::OffsetDateTime::now_utc().unix_timestamp();
-            let mut jar = session.jar.lock().expect("jar lock");
-            for v in parts.headers.get_all(SET_COOKIE) {
-                if let Ok(v) = v.to_str() {
-                    jar.capture(v, unix);
+            {
+                let mut jar = session.jar.lock().expect("jar lock");
+                for v in parts.headers.get_all(SET_COOKIE) {
+                    if let Ok(v) = v.to_str() {
+                        jar.capture(v, unix);
+                    }
                 }
             }
+            // Kept before the response goes on: the next request, on any replica, has them.
+            self.store
+                .save_ehr(session)
+                .await
+                .map_err(|e| self.store_problem(e))?;
             if self.config.ehr.cookie_mode == CookieMode::Vault {
                 parts.headers.remove(SET_COOKIE);
             }
@@ -295,9 +343,15 @@ impl Gateway {
             parts.headers.remove(http::header::ETAG);
             debug!("adding the session script to a viewer page");
             let body = inject::with_session_script(body);
-            return Response::from_parts(parts, body.until(session.close_signal(), SIGNED_OUT));
+            return Ok(Response::from_parts(
+                parts,
+                body.until(session.close_signal(), SIGNED_OUT),
+            ));
         }
-        Response::from_parts(parts, body.until(session.close_signal(), SIGNED_OUT))
+        Ok(Response::from_parts(
+            parts,
+            body.until(session.close_signal(), SIGNED_OUT),
+        ))
     }
 }
 

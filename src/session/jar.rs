@@ -5,7 +5,7 @@
 use cookie::Cookie;
 
 /// One cookie, kept compact: a million sessions hold one each.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Stored {
     /// `name=value`, as it goes into a `Cookie` header.
     pair: Box<str>,
@@ -29,12 +29,30 @@ impl Stored {
 /// At most this many cookies per session: a viewer sets a handful.
 const MAX_COOKIES: usize = 50;
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct CookieJar {
     cookies: Vec<Stored>,
 }
 
 impl CookieJar {
+    /// The jar as bytes, for a shared store (which encrypts them).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// A jar from [`CookieJar::to_bytes`]; `None` if the bytes are not one.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let jar: Self = serde_json::from_slice(bytes).ok()?;
+        // Only what `capture` could have made: no oversized or malformed entries.
+        (jar.cookies.len() <= MAX_COOKIES
+            && jar.cookies.iter().all(|c| {
+                (c.name_len as usize) <= c.pair.len()
+                    && c.pair.is_char_boundary(c.name_len as usize)
+            }))
+        .then_some(jar)
+    }
+
     /// Takes in one `Set-Cookie` value from the viewer. An expired cookie is removed.
     pub fn capture(&mut self, set_cookie: &str, now_unix: i64) {
         let Ok(c) = Cookie::parse(set_cookie) else {

@@ -20,7 +20,10 @@ use tokio::sync::Notify;
 
 use crate::config::Authority;
 pub use jar::CookieJar;
-pub use store::{MemoryStore, SessionStore, StoreFull};
+pub use store::{
+    EmrSeen, Linked, MemoryStore, RedisStore, SessionStore, Sessions, StoreCounts, StoreError,
+    StoreLimits, StoreResult, ViewerSession,
+};
 pub use token::{Token, TokenHash};
 
 /// Milliseconds on the store's clock (since the store was made).
@@ -136,7 +139,7 @@ impl EmrSession {
 
 /// What ehrgate remembers of the patient last opened in an EHR session, for the audit
 /// of an override: never the HCN itself.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OpenedPatient {
     pub demographic_no: u64,
     /// The audit log's HMAC tag of the HCN (written as hex).
@@ -154,6 +157,9 @@ pub struct EhrSession {
     /// Shared with the configuration: one copy for all sessions.
     pub authority: Arc<Authority>,
     pub created: Millis,
+    /// Tells this session from a later one of the same EMR session: a sign-out message
+    /// from another replica closes only the session it names.
+    pub gen: u64,
     last_seen: AtomicU64,
     /// Hash of the current `__Host-ehrgate` value (rotated at every enter).
     id: Mutex<TokenHash>,
@@ -194,12 +200,29 @@ impl EhrSession {
         id: TokenHash,
         now: Millis,
     ) -> Self {
+        let mut gen = [0u8; 8];
+        // A failed RNG leaves 0: generations then tell sessions apart only by `created`.
+        let _ = aws_lc_rs::rand::fill(&mut gen);
+        Self::restore(emr, user, authority, id, now, now, u64::from_le_bytes(gen))
+    }
+
+    /// A session as a shared store describes it.
+    pub fn restore(
+        emr: TokenHash,
+        user: Arc<str>,
+        authority: Arc<Authority>,
+        id: TokenHash,
+        created: Millis,
+        last_seen: Millis,
+        gen: u64,
+    ) -> Self {
         Self {
             emr,
             user,
             authority,
-            created: now,
-            last_seen: AtomicU64::new(now),
+            created,
+            gen,
+            last_seen: AtomicU64::new(last_seen),
             id: Mutex::new(id),
             jar: Mutex::new(CookieJar::default()),
             patient: Mutex::new(OpenedPatient::default()),
@@ -223,7 +246,7 @@ impl EhrSession {
         *self.id.lock().expect("id lock")
     }
 
-    fn set_id(&self, id: TokenHash) {
+    pub(crate) fn set_id(&self, id: TokenHash) {
         *self.id.lock().expect("id lock") = id;
     }
 

@@ -45,6 +45,8 @@ impl fmt::Debug for Token {
     }
 }
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 /// SHA-256 of a token or of a cookie value: what the store is keyed by.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TokenHash([u8; 32]);
@@ -87,6 +89,29 @@ impl TokenHash {
         aws_lc_rs::constant_time::verify_slices_are_equal(&self.0, &other.0).is_ok()
     }
 
+    /// The hash in hex: how a shared store names it (never the token itself).
+    pub fn to_hex(&self) -> String {
+        let mut out = String::with_capacity(64);
+        for b in self.0 {
+            out.push(char::from(HEX[(b >> 4) as usize]));
+            out.push(char::from(HEX[(b & 15) as usize]));
+        }
+        out
+    }
+
+    /// The hash from [`TokenHash::to_hex`].
+    pub fn from_hex(hex: &[u8]) -> Option<Self> {
+        if hex.len() != 64 {
+            return None;
+        }
+        let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        let mut out = [0u8; 32];
+        for (i, pair) in hex.chunks_exact(2).enumerate() {
+            out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+        }
+        Some(Self(out))
+    }
+
     /// A short, non-reversible label for logs (first 6 hex digits of the hash).
     pub fn label(&self) -> String {
         self.0[..3].iter().map(|b| format!("{b:02x}")).collect()
@@ -114,5 +139,8 @@ mod tests {
         assert!(!a.hash().ct_eq(&b.hash()));
         assert_eq!(format!("{a:?}"), "Token(..)");
         assert!(!format!("{:?}", a.hash()).contains(a.as_str()));
+        let hex = a.hash().to_hex();
+        assert_eq!(TokenHash::from_hex(hex.as_bytes()), Some(a.hash()));
+        assert_eq!(TokenHash::from_hex(b"zz"), None);
     }
 }

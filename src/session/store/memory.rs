@@ -1,6 +1,6 @@
-//! The session store: one trait, so a shared store (Redis) can serve several replicas
-//! later, and the in-memory implementation every connection shares now (concurrent maps,
-//! no global lock on the request path).
+//! The in-memory store every connection of one ehrgate shares: concurrent maps, no global
+//! lock on the request path, no I/O. Its operations are plain methods (the benches and
+//! unit tests call them directly); the [`SessionStore`] impl wraps them.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -10,82 +10,15 @@ use std::collections::HashSet;
 
 use dashmap::DashMap;
 
-use super::token::TokenHashBuilder;
-use super::{EhrSession, EmrSession, LaunchTicket, Millis, TokenHash};
+use super::{
+    EmrSeen, Linked, SessionStore, StoreCounts, StoreError, StoreLimits, StoreResult,
+    SweepCandidates, ViewerSession,
+};
+use crate::session::decide;
+use crate::session::token::TokenHashBuilder;
+use crate::session::{EhrSession, EmrSession, LaunchTicket, Millis, TokenHash};
 
 type TokenMap<V> = DashMap<TokenHash, V, TokenHashBuilder>;
-
-/// The store is at `max_sessions`: a new session or ticket is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the session store is full")]
-pub struct StoreFull;
-
-/// Sizes, for metrics and the admin view.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StoreCounts {
-    pub emr: usize,
-    pub ehr: usize,
-    pub tickets: usize,
-}
-
-pub trait SessionStore: Send + Sync + 'static {
-    /// The store's clock.
-    fn now(&self) -> Millis;
-
-    fn emr(&self, key: &TokenHash) -> Option<Arc<EmrSession>>;
-    /// Registers an EMR session; the existing one is returned if `key` is known.
-    fn insert_emr(&self, session: EmrSession) -> Result<Arc<EmrSession>, StoreFull>;
-    /// Removes an EMR session with its markers; its EHR session stays until removed.
-    fn remove_emr(&self, key: &TokenHash) -> Option<Arc<EmrSession>>;
-    fn add_marker(&self, marker: TokenHash, emr: &Arc<EmrSession>);
-    fn emr_by_marker(&self, marker: &TokenHash) -> Option<Arc<EmrSession>>;
-    fn emr_keys_of_user(&self, user: &str) -> Vec<TokenHash>;
-
-    fn ehr(&self, id: &TokenHash) -> Option<Arc<EhrSession>>;
-    fn ehr_of_emr(&self, emr: &TokenHash) -> Option<Arc<EhrSession>>;
-    /// Links a new EHR session to its EMR session; returns the one it replaced, if a
-    /// concurrent enter linked another meanwhile (the caller ends it).
-    fn insert_ehr(&self, session: Arc<EhrSession>) -> Option<Arc<EhrSession>>;
-    /// Gives an EHR session a new id; the old one stops working at once.
-    fn rekey_ehr(&self, session: &Arc<EhrSession>, new_id: TokenHash);
-    /// Unlinks and removes the EHR session of an EMR session.
-    fn remove_ehr_of_emr(&self, emr: &TokenHash) -> Option<Arc<EhrSession>>;
-
-    fn put_ticket(&self, hash: TokenHash, ticket: LaunchTicket) -> Result<(), StoreFull>;
-    /// Takes a ticket out (single use), whatever its age; the caller checks expiry.
-    fn take_ticket(&self, hash: &TokenHash) -> Option<LaunchTicket>;
-    /// A copy of a ticket, left in place.
-    fn peek_ticket(&self, hash: &TokenHash) -> Option<LaunchTicket>;
-    /// Binds an unbound ticket to a browser's binding with a fresh confirm nonce, or gives
-    /// the browser it is already bound to a fresh nonce (any code issued is void); returns
-    /// the ticket as it now is (bound to `binding`, or to the browser that was first).
-    fn bind_ticket(
-        &self,
-        hash: &TokenHash,
-        binding: TokenHash,
-        nonce: TokenHash,
-    ) -> Option<LaunchTicket>;
-    /// Spends the ticket's confirm nonce, if it is `nonce`, and records the redeem code;
-    /// returns whether it did (atomic: a nonce confirms once).
-    fn confirm_ticket(&self, hash: &TokenHash, nonce: &TokenHash, code: TokenHash) -> bool;
-    /// Takes a ticket out only if it is bound to `binding` and confirmed with `code`
-    /// (atomic: two redemptions at once, exactly one wins).
-    fn take_confirmed_ticket(
-        &self,
-        hash: &TokenHash,
-        binding: &TokenHash,
-        code: &TokenHash,
-    ) -> Option<LaunchTicket>;
-    /// Drops tickets expired by `now`; returns how many.
-    fn drop_expired_tickets(&self, now: Millis) -> usize;
-
-    /// EMR sessions for which `stale` says yes.
-    fn emr_where(&self, stale: &dyn Fn(&EmrSession) -> bool) -> Vec<TokenHash>;
-    /// EMR sessions whose EHR session `stale` says is over.
-    fn ehr_where(&self, stale: &dyn Fn(&EhrSession) -> bool) -> Vec<TokenHash>;
-
-    fn counts(&self) -> StoreCounts;
-}
 
 /// The in-memory store, bounded by `max_sessions`.
 pub struct MemoryStore {
@@ -116,17 +49,17 @@ impl MemoryStore {
     }
 }
 
-impl SessionStore for MemoryStore {
-    fn now(&self) -> Millis {
+impl MemoryStore {
+    pub fn now(&self) -> Millis {
         self.epoch.elapsed().as_millis() as Millis
     }
 
-    fn emr(&self, key: &TokenHash) -> Option<Arc<EmrSession>> {
+    pub fn emr(&self, key: &TokenHash) -> Option<Arc<EmrSession>> {
         let entry = self.emr.get(key)?;
         (entry.key().ct_eq(key) && !entry.is_ended()).then(|| entry.value().clone())
     }
 
-    fn insert_emr(&self, session: EmrSession) -> Result<Arc<EmrSession>, StoreFull> {
+    pub fn insert_emr(&self, session: EmrSession) -> StoreResult<Arc<EmrSession>> {
         use dashmap::mapref::entry::Entry;
         match self.emr.entry(session.key) {
             Entry::Occupied(e) => Ok(e.get().clone()),
@@ -134,7 +67,7 @@ impl SessionStore for MemoryStore {
                 // Reserve a slot first, so concurrent launches cannot overshoot the bound.
                 if self.emr_count.fetch_add(1, Ordering::AcqRel) >= self.max_sessions {
                     self.emr_count.fetch_sub(1, Ordering::AcqRel);
-                    return Err(StoreFull);
+                    return Err(StoreError::Full);
                 }
                 let session = Arc::new(session);
                 self.by_user
@@ -147,7 +80,7 @@ impl SessionStore for MemoryStore {
         }
     }
 
-    fn remove_emr(&self, key: &TokenHash) -> Option<Arc<EmrSession>> {
+    pub fn remove_emr(&self, key: &TokenHash) -> Option<Arc<EmrSession>> {
         let (_, s) = self.emr.remove(key)?;
         self.emr_count.fetch_sub(1, Ordering::AcqRel);
         for m in s.markers() {
@@ -161,36 +94,36 @@ impl SessionStore for MemoryStore {
         Some(s)
     }
 
-    fn add_marker(&self, marker: TokenHash, emr: &Arc<EmrSession>) {
+    pub fn add_marker(&self, marker: TokenHash, emr: &Arc<EmrSession>) {
         if let Some(evicted) = emr.add_marker(marker) {
             self.markers.remove(&evicted);
         }
         self.markers.insert(marker, emr.key);
     }
 
-    fn emr_by_marker(&self, marker: &TokenHash) -> Option<Arc<EmrSession>> {
+    pub fn emr_by_marker(&self, marker: &TokenHash) -> Option<Arc<EmrSession>> {
         let key = *self.markers.get(marker)?;
         self.emr(&key)
     }
 
-    fn emr_keys_of_user(&self, user: &str) -> Vec<TokenHash> {
+    pub fn emr_keys_of_user(&self, user: &str) -> Vec<TokenHash> {
         self.by_user
             .get(user)
             .map(|k| k.iter().copied().collect())
             .unwrap_or_default()
     }
 
-    fn ehr(&self, id: &TokenHash) -> Option<Arc<EhrSession>> {
+    pub fn ehr(&self, id: &TokenHash) -> Option<Arc<EhrSession>> {
         let entry = self.ehr.get(id)?;
         (entry.key().ct_eq(id) && !entry.is_closed()).then(|| entry.value().clone())
     }
 
-    fn ehr_of_emr(&self, emr: &TokenHash) -> Option<Arc<EhrSession>> {
+    pub fn ehr_of_emr(&self, emr: &TokenHash) -> Option<Arc<EhrSession>> {
         let s = self.ehr_by_emr.get(emr)?.clone();
         (!s.is_closed()).then_some(s)
     }
 
-    fn insert_ehr(&self, session: Arc<EhrSession>) -> Option<Arc<EhrSession>> {
+    pub fn insert_ehr(&self, session: Arc<EhrSession>) -> Option<Arc<EhrSession>> {
         self.ehr.insert(session.id(), session.clone());
         let replaced = self
             .ehr_by_emr
@@ -206,7 +139,7 @@ impl SessionStore for MemoryStore {
         replaced
     }
 
-    fn rekey_ehr(&self, session: &Arc<EhrSession>, new_id: TokenHash) {
+    pub fn rekey_ehr(&self, session: &Arc<EhrSession>, new_id: TokenHash) {
         let old = session.id();
         session.set_id(new_id);
         self.ehr.insert(new_id, session.clone());
@@ -216,15 +149,15 @@ impl SessionStore for MemoryStore {
         }
     }
 
-    fn remove_ehr_of_emr(&self, emr: &TokenHash) -> Option<Arc<EhrSession>> {
+    pub fn remove_ehr_of_emr(&self, emr: &TokenHash) -> Option<Arc<EhrSession>> {
         let (_, s) = self.ehr_by_emr.remove(emr)?;
         self.ehr.remove(&s.id());
         Some(s)
     }
 
-    fn put_ticket(&self, hash: TokenHash, ticket: LaunchTicket) -> Result<(), StoreFull> {
+    pub fn put_ticket(&self, hash: TokenHash, ticket: LaunchTicket) -> StoreResult<()> {
         if self.tickets.len() >= self.max_sessions {
-            return Err(StoreFull);
+            return Err(StoreError::Full);
         }
         // Bounded per EMR session too: its oldest ticket gives way.
         if let Some(emr) = self.emr(&ticket.emr) {
@@ -236,15 +169,15 @@ impl SessionStore for MemoryStore {
         Ok(())
     }
 
-    fn take_ticket(&self, hash: &TokenHash) -> Option<LaunchTicket> {
+    pub fn take_ticket(&self, hash: &TokenHash) -> Option<LaunchTicket> {
         self.tickets.remove(hash).map(|(_, t)| t)
     }
 
-    fn peek_ticket(&self, hash: &TokenHash) -> Option<LaunchTicket> {
+    pub fn peek_ticket(&self, hash: &TokenHash) -> Option<LaunchTicket> {
         self.tickets.get(hash).map(|t| t.clone())
     }
 
-    fn bind_ticket(
+    pub fn bind_ticket(
         &self,
         hash: &TokenHash,
         binding: TokenHash,
@@ -265,7 +198,7 @@ impl SessionStore for MemoryStore {
         Some(t.clone())
     }
 
-    fn confirm_ticket(&self, hash: &TokenHash, nonce: &TokenHash, code: TokenHash) -> bool {
+    pub fn confirm_ticket(&self, hash: &TokenHash, nonce: &TokenHash, code: TokenHash) -> bool {
         let Some(mut t) = self.tickets.get_mut(hash) else {
             return false;
         };
@@ -277,7 +210,7 @@ impl SessionStore for MemoryStore {
         true
     }
 
-    fn take_confirmed_ticket(
+    pub fn take_confirmed_ticket(
         &self,
         hash: &TokenHash,
         binding: &TokenHash,
@@ -291,13 +224,13 @@ impl SessionStore for MemoryStore {
             .map(|(_, t)| t)
     }
 
-    fn drop_expired_tickets(&self, now: Millis) -> usize {
+    pub fn drop_expired_tickets(&self, now: Millis) -> usize {
         let before = self.tickets.len();
         self.tickets.retain(|_, t| t.expires > now);
         before.saturating_sub(self.tickets.len())
     }
 
-    fn emr_where(&self, stale: &dyn Fn(&EmrSession) -> bool) -> Vec<TokenHash> {
+    pub fn emr_where(&self, stale: &dyn Fn(&EmrSession) -> bool) -> Vec<TokenHash> {
         self.emr
             .iter()
             .filter(|e| stale(e.value()))
@@ -305,7 +238,7 @@ impl SessionStore for MemoryStore {
             .collect()
     }
 
-    fn ehr_where(&self, stale: &dyn Fn(&EhrSession) -> bool) -> Vec<TokenHash> {
+    pub fn ehr_where(&self, stale: &dyn Fn(&EhrSession) -> bool) -> Vec<TokenHash> {
         self.ehr_by_emr
             .iter()
             .filter(|e| stale(e.value()))
@@ -313,12 +246,160 @@ impl SessionStore for MemoryStore {
             .collect()
     }
 
-    fn counts(&self) -> StoreCounts {
+    pub fn counts(&self) -> StoreCounts {
         StoreCounts {
             emr: self.emr_count.load(Ordering::Relaxed),
             ehr: self.ehr_by_emr.len(),
             tickets: self.tickets.len(),
         }
+    }
+}
+
+impl MemoryStore {
+    pub fn touch_emr(&self, key: &TokenHash, now: Millis, idle: Millis) -> EmrSeen {
+        match self.emr(key) {
+            None => EmrSeen::Unknown,
+            Some(emr) if decide::emr_idle(&emr, now, idle) => EmrSeen::Idle,
+            Some(emr) => {
+                emr.touch(now);
+                EmrSeen::Live
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    pub fn end_emr(&self, key: &TokenHash) -> Option<(Arc<EmrSession>, Option<Arc<EhrSession>>)> {
+        let emr = self.remove_emr(key)?;
+        if !emr.end() {
+            return None;
+        }
+        Some((emr, self.remove_ehr_of_emr(key)))
+    }
+
+    pub fn viewer_session(&self, id: &TokenHash) -> Option<ViewerSession> {
+        let ehr = self.ehr(id)?;
+        let emr = self.emr(&ehr.emr);
+        Some(ViewerSession { ehr, emr })
+    }
+
+    pub fn sweep_candidates(&self, now: Millis, l: StoreLimits) -> SweepCandidates {
+        SweepCandidates {
+            tickets_dropped: self.drop_expired_tickets(now),
+            idle_emr: self.emr_where(&|s| decide::emr_idle(s, now, l.emr_idle)),
+            expired_ehr: self
+                .ehr_where(&|s| decide::ehr_expired(s, now, l.ehr_idle, l.ehr_lifetime).is_some()),
+            orphan_ehr: self.ehr_where(&|s| self.emr(&s.emr).is_none()),
+        }
+    }
+}
+
+impl SessionStore for MemoryStore {
+    fn now(&self) -> Millis {
+        MemoryStore::now(self)
+    }
+    async fn emr(&self, key: &TokenHash) -> StoreResult<Option<Arc<EmrSession>>> {
+        Ok(MemoryStore::emr(self, key))
+    }
+    async fn insert_emr(&self, session: EmrSession) -> StoreResult<Arc<EmrSession>> {
+        MemoryStore::insert_emr(self, session)
+    }
+    async fn touch_emr(&self, key: &TokenHash, now: Millis, idle: Millis) -> StoreResult<EmrSeen> {
+        Ok(MemoryStore::touch_emr(self, key, now, idle))
+    }
+    async fn end_emr(
+        &self,
+        key: &TokenHash,
+    ) -> StoreResult<Option<(Arc<EmrSession>, Option<Arc<EhrSession>>)>> {
+        Ok(MemoryStore::end_emr(self, key))
+    }
+    async fn add_marker(&self, marker: TokenHash, emr: &Arc<EmrSession>) -> StoreResult<()> {
+        MemoryStore::add_marker(self, marker, emr);
+        Ok(())
+    }
+    async fn emr_by_marker(&self, marker: &TokenHash) -> StoreResult<Option<Arc<EmrSession>>> {
+        Ok(MemoryStore::emr_by_marker(self, marker))
+    }
+    async fn emr_keys_of_user(&self, user: &str) -> StoreResult<Vec<TokenHash>> {
+        Ok(MemoryStore::emr_keys_of_user(self, user))
+    }
+    async fn viewer_session(
+        &self,
+        id: &TokenHash,
+        _touch: Option<Millis>,
+    ) -> StoreResult<Option<ViewerSession>> {
+        // The caller touches the session object itself: it is the store's own.
+        Ok(MemoryStore::viewer_session(self, id))
+    }
+    async fn ehr_of_emr(&self, emr: &TokenHash) -> StoreResult<Option<Arc<EhrSession>>> {
+        Ok(MemoryStore::ehr_of_emr(self, emr))
+    }
+    async fn insert_ehr(&self, session: Arc<EhrSession>) -> StoreResult<Linked> {
+        if MemoryStore::emr(self, &session.emr).is_none() {
+            return Ok(Linked::EmrGone);
+        }
+        Ok(match MemoryStore::insert_ehr(self, session) {
+            Some(old) => Linked::Replaced(old),
+            None => Linked::New,
+        })
+    }
+    async fn rekey_ehr(&self, session: &Arc<EhrSession>, new_id: TokenHash) -> StoreResult<bool> {
+        MemoryStore::rekey_ehr(self, session, new_id);
+        Ok(!session.is_closed())
+    }
+    async fn save_ehr(&self, _session: &Arc<EhrSession>) -> StoreResult<()> {
+        // The session object is the store's own: nothing to write back.
+        Ok(())
+    }
+    async fn remove_ehr_of_emr(&self, emr: &TokenHash) -> StoreResult<Option<Arc<EhrSession>>> {
+        Ok(MemoryStore::remove_ehr_of_emr(self, emr))
+    }
+    async fn put_ticket(&self, hash: TokenHash, ticket: LaunchTicket) -> StoreResult<()> {
+        MemoryStore::put_ticket(self, hash, ticket)
+    }
+    async fn take_ticket(&self, hash: &TokenHash) -> StoreResult<Option<LaunchTicket>> {
+        Ok(MemoryStore::take_ticket(self, hash))
+    }
+    async fn peek_ticket(&self, hash: &TokenHash) -> StoreResult<Option<LaunchTicket>> {
+        Ok(MemoryStore::peek_ticket(self, hash))
+    }
+    async fn bind_ticket(
+        &self,
+        hash: &TokenHash,
+        binding: TokenHash,
+        nonce: TokenHash,
+    ) -> StoreResult<Option<LaunchTicket>> {
+        Ok(MemoryStore::bind_ticket(self, hash, binding, nonce))
+    }
+    async fn confirm_ticket(
+        &self,
+        hash: &TokenHash,
+        nonce: &TokenHash,
+        code: TokenHash,
+    ) -> StoreResult<bool> {
+        Ok(MemoryStore::confirm_ticket(self, hash, nonce, code))
+    }
+    async fn take_confirmed_ticket(
+        &self,
+        hash: &TokenHash,
+        binding: &TokenHash,
+        code: &TokenHash,
+    ) -> StoreResult<Option<LaunchTicket>> {
+        Ok(MemoryStore::take_confirmed_ticket(
+            self, hash, binding, code,
+        ))
+    }
+    async fn sweep_candidates(
+        &self,
+        now: Millis,
+        limits: StoreLimits,
+    ) -> StoreResult<SweepCandidates> {
+        Ok(MemoryStore::sweep_candidates(self, now, limits))
+    }
+    async fn recheck_live(&self) -> StoreResult<usize> {
+        Ok(0)
+    }
+    async fn counts(&self) -> StoreResult<StoreCounts> {
+        Ok(MemoryStore::counts(self))
     }
 }
 
@@ -345,7 +426,7 @@ mod tests {
                 .unwrap();
         }
         let full = store.insert_emr(EmrSession::new(TokenHash::of("c3"), "u", 0));
-        assert_eq!(full.unwrap_err(), StoreFull);
+        assert_eq!(full.unwrap_err(), StoreError::Full);
         // A known session is still found, not refused.
         assert!(store
             .insert_emr(EmrSession::new(TokenHash::of("c0"), "u", 0))
