@@ -241,12 +241,12 @@ impl Gateway {
             crate::config::StoreKind::Memory => {
                 Sessions::Memory(MemoryStore::new(config.session.max_sessions))
             }
-            crate::config::StoreKind::Redis => Sessions::Redis(RedisStore::new(
+            crate::config::StoreKind::Redis => Sessions::Redis(Box::new(RedisStore::new(
                 &config.session,
                 limits.store(),
                 authorities.clone(),
                 shutdown.clone(),
-            )?),
+            )?)),
         };
         Ok(Self {
             store: Arc::new(store),

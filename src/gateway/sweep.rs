@@ -9,7 +9,7 @@ use tracing::debug;
 
 use crate::gateway::Gateway;
 use crate::session::decide::{self, EndReason};
-use crate::session::SessionStore;
+use crate::session::{SessionStore, Sessions};
 
 /// Sweeps at a quarter of the shortest limit, between 100 ms and 30 s.
 pub fn interval(gateway: &Gateway) -> Duration {
@@ -31,9 +31,18 @@ pub fn spawn_sweeper(gateway: Arc<Gateway>) {
             tokio::select! {
                 _ = crate::shutdown::signalled(&mut shutdown) => return,
                 _ = tick.tick() => sweep(&gateway).await,
+                // Sign-outs held back by an outage land the moment the store is back.
+                _ = reachable_again(&gateway) => sweep(&gateway).await,
             }
         }
     });
+}
+
+async fn reachable_again(gateway: &Gateway) {
+    match &*gateway.store {
+        Sessions::Redis(r) => r.reachable_again().await,
+        Sessions::Memory(_) => std::future::pending().await,
+    }
 }
 
 /// One pass: sign-outs held back by a store outage first, then what the store lists as
@@ -65,12 +74,15 @@ async fn sweep(gateway: &Gateway) {
     for emr in &found.orphan_ehr {
         gateway.end_ehr_of(emr, EndReason::EmrGone, None).await;
     }
-    let rechecked = match store.recheck_live().await {
-        Ok(n) => n,
-        Err(e) => {
-            gateway.store_failed(&e);
-            0
-        }
+    let rechecked = match &**store {
+        Sessions::Redis(r) if r.recheck_due() => match store.recheck_live().await {
+            Ok(n) => n,
+            Err(e) => {
+                gateway.store_failed(&e);
+                0
+            }
+        },
+        _ => 0,
     };
     let n = found.tickets_dropped
         + found.idle_emr.len()

@@ -11,3 +11,4 @@ mod flows;
 mod hardening;
 mod lifecycle;
 mod proxy;
+mod replicas;

@@ -240,7 +240,7 @@ pub struct SweepCandidates {
 /// (An enum, not a trait object: the in-memory path stays free of boxing.)
 pub enum Sessions {
     Memory(MemoryStore),
-    Redis(RedisStore),
+    Redis(Box<RedisStore>),
 }
 
 impl Sessions {
@@ -269,7 +269,10 @@ macro_rules! delegate {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
             Sessions::Memory($s) => $e.await,
-            Sessions::Redis($s) => $e.await,
+            Sessions::Redis(boxed) => {
+                let $s: &RedisStore = boxed;
+                $e.await
+            }
         }
     };
 }
@@ -278,7 +281,7 @@ impl SessionStore for Sessions {
     fn now(&self) -> Millis {
         match self {
             Sessions::Memory(s) => SessionStore::now(s),
-            Sessions::Redis(s) => SessionStore::now(s),
+            Sessions::Redis(s) => SessionStore::now(&**s),
         }
     }
     async fn emr(&self, key: &TokenHash) -> StoreResult<Option<Arc<EmrSession>>> {

@@ -421,6 +421,8 @@ pub struct RedisStore {
     errors: AtomicU64,
     /// Set when the sign-out subscription was lost: the next sweep re-checks handles.
     recheck_due: AtomicBool,
+    /// Woken when the store is reachable again, so held-back sign-outs land at once.
+    back: tokio::sync::Notify,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -546,6 +548,7 @@ impl RedisStore {
             problem: Mutex::new(None),
             errors: AtomicU64::new(0),
             recheck_due: AtomicBool::new(false),
+            back: tokio::sync::Notify::new(),
             shutdown,
         })
     }
@@ -563,10 +566,15 @@ impl RedisStore {
     }
 
     fn went_well(&self) {
-        if !self.healthy.load(Ordering::Relaxed) {
-            self.healthy.store(true, Ordering::Release);
+        if !self.healthy.load(Ordering::Relaxed) && !self.healthy.swap(true, Ordering::AcqRel) {
             info!("session store reachable again");
+            self.back.notify_waiters();
         }
+    }
+
+    /// Resolves when the store becomes reachable after an outage.
+    pub async fn reachable_again(&self) {
+        self.back.notified().await
     }
 
     fn went_wrong(&self, e: &StoreError) {
@@ -847,7 +855,7 @@ impl RedisStore {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = crate::shutdown::signalled(&mut shutdown) => return,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
 

@@ -7,6 +7,8 @@
 pub mod client;
 pub mod clinic;
 pub mod pki;
+pub mod redis;
+pub mod replicas;
 pub mod upstream;
 
 use std::net::SocketAddr;

@@ -1,0 +1,395 @@
+//! Several replicas on one real Redis (DESIGN §9): the whole flow with requests spread
+//! over replicas, sign-out anywhere seen everywhere with no window, tickets single-use
+//! across replicas, live connections closed on every replica, nothing readable at rest,
+//! and an outage that fails closed and recovers by itself.
+
+use std::time::{Duration, Instant};
+
+use ehrgate::body::Body;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::BodyExt;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::client::H1;
+use crate::support::clinic::{path_of, Browser, DOCTOR, PATIENTS};
+use crate::support::replicas::Replicas;
+use crate::support::{EHR, EMR};
+
+/// Only turns a hang into a failure: generous, so a loaded machine never trips it.
+const SOON: Duration = Duration::from_secs(60);
+
+/// Launch on `a`, the binding round trip over `b` (enter), `c` (confirm) and `a` (enter
+/// again); returns the viewer chart's path.
+async fn enter_spread(r: &Replicas, browser: &Browser, a: usize, b: usize, c: usize) -> String {
+    let launch = r.via(browser, a).launch("1001", None).await;
+    assert_eq!(launch.status, 303, "{}", launch.text());
+    let first = r.via(browser, b).viewer_get(path_of(&launch)).await;
+    assert_eq!(first.status, 303, "{}", first.text());
+    let confirmed = r.via(browser, c).get(EMR, path_of(&first)).await;
+    assert_eq!(confirmed.status, 303, "{}", confirmed.text());
+    let entered = r.via(browser, a).viewer_get(path_of(&confirmed)).await;
+    assert_eq!(entered.status, 302, "{}", entered.text());
+    entered.header("location").unwrap().to_string()
+}
+
+#[tokio::test]
+async fn the_whole_flow_spread_over_three_replicas_and_sign_out_seen_by_all() {
+    let r = Replicas::start(3).await;
+    let browser = r.browser(DOCTOR);
+    let status = r.via(&browser, 2).emr_get("/.ehrgate/status").await.json();
+    assert_eq!(status["connected"], false);
+
+    let chart = enter_spread(&r, &browser, 0, 1, 2).await;
+    // The viewer's login cookie was captured by replica 0 and is used by 1 and 2.
+    for i in [1, 2, 0, 2, 1] {
+        let page = r.via(&browser, i).viewer_get(&chart).await;
+        assert_eq!(page.status, 200, "replica {i}: {}", page.text());
+    }
+    assert!(
+        browser.cookie(EHR, "VSESSION").is_none(),
+        "vault: never in the browser"
+    );
+    let status = r.via(&browser, 1).emr_get("/.ehrgate/status").await.json();
+    assert_eq!(status["connected"], true);
+
+    // EHR again from another chart, on another replica: no new viewer login.
+    let chart = enter_spread(&r, &browser, 2, 0, 1).await;
+    assert_eq!(r.viewer.launches().len(), 2);
+    assert!(r.viewer.launches()[1].1, "the viewer login was kept");
+
+    // The override, observed on replica 1, is audited.
+    let form = r
+        .via(&browser, 1)
+        .request(EHR, "POST", "/override")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Body::full("reason=Covering+for+Dr+Smith"))
+        .unwrap();
+    r.via(&browser, 1).send(EHR, form).await;
+    assert_eq!(
+        r.audit_events("override")[0]["reason"],
+        "Covering for Dr Smith"
+    );
+
+    // EMR logout on replica 0: the very next request on 1 and on 2 is refused.
+    assert_eq!(
+        r.via(&browser, 0).emr_get("/oscar/logout.jsp").await.status,
+        302
+    );
+    for i in [1, 2] {
+        let page = r.via(&browser, i).viewer_get(&chart).await;
+        assert_eq!(
+            page.status,
+            401,
+            "replica {i} after sign-out: {}",
+            page.text()
+        );
+    }
+    let logouts = r.viewer.logouts();
+    assert_eq!(logouts.len(), 1, "the viewer is signed out once");
+    assert!(logouts[0].as_deref().unwrap().contains("VSESSION="));
+    assert_eq!(r.audit_events("emr_logout").len(), 1);
+    assert_eq!(r.audit_events("ehr_logout").len(), 1);
+}
+
+#[tokio::test]
+async fn disconnect_admin_sign_out_and_authority_change_are_seen_by_every_replica() {
+    let riverside = "2.16.840.1.113883.3.239.9:102";
+    let r = Replicas::start_with(2, |mut s| {
+        s.tail.push_str(&format!(
+            "\n[[authority]]\nid = \"{riverside}\"\nname = \"Riverside Walk-in Clinic\"\n"
+        ));
+        s
+    })
+    .await;
+    let browser = r.browser(DOCTOR);
+
+    // Disconnect on 0, refused on 1.
+    let chart = enter_spread(&r, &browser, 0, 1, 0).await;
+    assert_eq!(r.via(&browser, 1).viewer_get(&chart).await.status, 200);
+    assert_eq!(
+        r.via(&browser, 0)
+            .emr_post("/.ehrgate/disconnect")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(r.via(&browser, 1).viewer_get(&chart).await.status, 401);
+
+    // An authority change on 1 ends the session entered on 0, for replica 0 too.
+    let chart = enter_spread(&r, &browser, 0, 0, 0).await;
+    let old = browser.cookie(EHR, "__Host-ehrgate").unwrap();
+    let launch = r.via(&browser, 1).launch("1001", Some(riverside)).await;
+    assert_eq!(launch.status, 303);
+    let stale = r
+        .via(&browser, 0)
+        .request(EHR, "GET", &chart)
+        .header("cookie", format!("__Host-ehrgate={old}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(r.via(&browser, 0).send(EHR, stale).await.status, 401);
+
+    // Admin sign-out through replica 1's admin listener; refused on 0.
+    let chart = enter_spread(&r, &browser, 0, 1, 0).await;
+    let resp = crate::support::client::plain_request(
+        r.gates[1].admin,
+        "POST",
+        &format!("/admin/logout?user={DOCTOR}"),
+    )
+    .await;
+    let body = resp.text();
+    assert_eq!(resp.status, 200, "{body}");
+    assert!(body.contains("\"signed_out\":1"), "{body}");
+    assert_eq!(r.via(&browser, 0).viewer_get(&chart).await.status, 401);
+}
+
+#[tokio::test]
+async fn a_ticket_redeemed_on_two_replicas_at_once_opens_exactly_one_session() {
+    let r = Replicas::start(3).await;
+    for round in 0..5 {
+        let browser = r.browser(DOCTOR);
+        let launch = r.via(&browser, 0).launch("1001", None).await;
+        let first = r.via(&browser, 1).viewer_get(path_of(&launch)).await;
+        let confirmed = r.via(&browser, 2).get(EMR, path_of(&first)).await;
+        assert_eq!(confirmed.status, 303);
+        let enter = path_of(&confirmed).to_string();
+        let (a, b) = (r.via(&browser, 1), r.via(&browser, 2));
+        let (x, y) = tokio::join!(a.viewer_get(&enter), b.viewer_get(&enter));
+        let mut statuses = [x.status.as_u16(), y.status.as_u16()];
+        statuses.sort();
+        assert_eq!(
+            statuses,
+            [302, 410],
+            "round {round}: exactly one redemption wins"
+        );
+    }
+    assert_eq!(r.viewer.launches().len(), 5);
+}
+
+#[tokio::test]
+async fn event_streams_and_websockets_on_other_replicas_close_at_sign_out() {
+    let r = Replicas::start(3).await;
+    let browser = r.browser(DOCTOR);
+    enter_spread(&r, &browser, 0, 0, 0).await;
+
+    // An event stream through replica 1.
+    let on1 = r.via(&browser, 1);
+    let mut events = H1::handshake(on1.client.tls(EHR, &[b"http/1.1"]).await).await;
+    let req = on1
+        .request(EHR, "GET", "/.ehrgate/events")
+        .body(Body::empty())
+        .unwrap();
+    let resp = events.send(req).await;
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.into_body();
+    let first = stream.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains(": connected"));
+
+    // A WebSocket through replica 2.
+    let on2 = r.via(&browser, 2);
+    let tls = on2.client.tls(EHR, &[b"http/1.1"]).await;
+    let mut ws_req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "wss://{EHR}:{}/ws",
+            r.gates[2].addr.port()
+        ))
+        .unwrap();
+    ws_req.headers_mut().insert(
+        "cookie",
+        format!(
+            "__Host-ehrgate={}",
+            browser.cookie(EHR, "__Host-ehrgate").unwrap()
+        )
+        .parse()
+        .unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::client_async(ws_req, tls)
+        .await
+        .expect("WebSocket through replica 2");
+    ws.send(Message::text("ping")).await.unwrap();
+    assert!(matches!(ws.next().await, Some(Ok(Message::Text(_)))));
+
+    // Sign-out on replica 0.
+    let signed_out = Instant::now();
+    assert_eq!(
+        r.via(&browser, 0).emr_get("/oscar/logout.jsp").await.status,
+        302
+    );
+    let next = tokio::time::timeout(SOON, stream.frame())
+        .await
+        .expect("logout event in time");
+    let data = next.unwrap().unwrap().into_data().unwrap();
+    assert!(
+        String::from_utf8_lossy(&data).starts_with("event: logout"),
+        "{data:?}"
+    );
+    let end = tokio::time::timeout(SOON, ws.next())
+        .await
+        .expect("WebSocket closed in time");
+    assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
+    // Measured, not asserted tightly: the bench reports the distribution.
+    eprintln!(
+        "sign-out on replica 0 reached replicas 1 and 2 in {:?}",
+        signed_out.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn redis_holds_no_cookie_value_hcn_or_name() {
+    let r = Replicas::start(2).await;
+    let browser = r.browser(DOCTOR);
+    let chart = enter_spread(&r, &browser, 0, 1, 0).await;
+    let page = r.via(&browser, 1).viewer_get(&chart).await;
+    assert_eq!(page.status, 200);
+    // The viewer's own session cookie, as its page shows it.
+    let vsession = page
+        .text()
+        .split("<p id=v>")
+        .nth(1)
+        .and_then(|s| s.split('<').next())
+        .unwrap()
+        .to_string();
+    // A launch whose ticket is never redeemed stays in the store with its patient.
+    let pending = r.via(&browser, 0).launch("1002", None).await;
+    assert_eq!(pending.status, 303);
+
+    let secrets = [
+        ("the viewer's cookie", vsession),
+        (
+            "the EMR session cookie",
+            browser.cookie(EMR, "JSESSIONID").unwrap(),
+        ),
+        (
+            "ehrgate's session cookie",
+            browser.cookie(EHR, "__Host-ehrgate").unwrap(),
+        ),
+        (
+            "the EMR marker",
+            browser.cookie(EMR, "__Host-ehrgate-emr").unwrap(),
+        ),
+        ("an HCN", PATIENTS[0].1.to_string()),
+        ("an HCN", PATIENTS[1].1.to_string()),
+        ("a family name", "Testpatient".to_string()),
+        ("a given name", "Alice".to_string()),
+        ("a birth date", "1970-01-31".to_string()),
+    ];
+    let dump = r.redis.dump();
+    assert!(
+        dump.len() > 5,
+        "the store holds the sessions: {}",
+        dump.len()
+    );
+    for (key, values) in &dump {
+        for (what, secret) in &secrets {
+            let s = secret.as_bytes();
+            let found = |b: &[u8]| b.windows(s.len()).any(|w| w == s);
+            assert!(
+                !found(key),
+                "{what} in a key: {}",
+                String::from_utf8_lossy(key)
+            );
+            for v in values {
+                assert!(
+                    !found(v),
+                    "{what} in the value of {}",
+                    String::from_utf8_lossy(key)
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn with_redis_down_ehr_access_fails_closed_and_resumes_without_a_restart() {
+    let mut r = Replicas::start(2).await;
+    let browser = r.browser(DOCTOR);
+    let chart = enter_spread(&r, &browser, 0, 1, 0).await;
+    assert_eq!(r.admin_get(1, "/readyz").await.0, 200);
+
+    r.redis.stop();
+    // The viewer: 503 with a clear page, nothing forwarded, the refusal audited.
+    let page = r.via(&browser, 1).viewer_get(&chart).await;
+    assert_eq!(page.status, 503, "{}", page.text());
+    assert!(
+        page.text().contains("Sessions are unavailable"),
+        "{}",
+        page.text()
+    );
+    assert!(r.audit_events("deny").iter().any(|d| d["detail"]
+        .as_str()
+        .unwrap()
+        .contains("session store unavailable")));
+    // A launch: 503, audited as a refused launch.
+    let launch = r.via(&browser, 0).launch("1001", None).await;
+    assert_eq!(launch.status, 503, "{}", launch.text());
+    // The EMR still works.
+    let emr = r
+        .via(&browser, 0)
+        .emr_get("/oscar/provider/appointments")
+        .await;
+    assert_eq!(emr.status, 200, "{}", emr.text());
+    // Readiness says why; the metric counts it.
+    let (status, body) = r.admin_get(1, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("session store"), "{body}");
+    let (_, metrics) = r.admin_get(1, "/metrics").await;
+    let errors: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ehrgate_store_errors_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(errors > 0, "{metrics}");
+
+    // Back: the same session works again on both replicas, without a restart.
+    r.redis.restart();
+    let deadline = Instant::now() + SOON;
+    loop {
+        let page = r.via(&browser, 1).viewer_get(&chart).await;
+        if page.status == 200 {
+            break;
+        }
+        assert_eq!(page.status, 503, "{}", page.text());
+        assert!(Instant::now() < deadline, "never resumed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(r.via(&browser, 0).viewer_get(&chart).await.status, 200);
+    let deadline = Instant::now() + SOON;
+    while r.admin_get(1, "/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "readiness never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_logout_seen_while_redis_is_down_ends_the_session_when_it_is_back() {
+    let mut r = Replicas::start(2).await;
+    let browser = r.browser(DOCTOR);
+    let chart = enter_spread(&r, &browser, 0, 0, 0).await;
+
+    r.redis.stop();
+    // The EMR logs the clinician out; ehrgate cannot record it yet.
+    assert_eq!(
+        r.via(&browser, 0).emr_get("/oscar/logout.jsp").await.status,
+        302
+    );
+    r.redis.restart();
+    // Replica 0 lands the sign-out as soon as it reaches Redis again: from then on no
+    // replica lets the session through (503 while it reconnects, then 401).
+    let deadline = Instant::now() + SOON;
+    loop {
+        let page = r.via(&browser, 0).viewer_get(&chart).await;
+        if page.status == 401 {
+            break;
+        }
+        assert_eq!(
+            page.status,
+            503,
+            "never a 200 after the logout: {}",
+            page.text()
+        );
+        assert!(Instant::now() < deadline, "the sign-out never landed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(r.via(&browser, 1).viewer_get(&chart).await.status, 401);
+    assert_eq!(r.viewer.logouts().len(), 1);
+}
