@@ -297,3 +297,68 @@ fn missing_signing_key() {
         ],
     );
 }
+
+/// `session.store = "redis"`: the key file must exist and hold 32 bytes; the URL must be
+/// a Redis URL; its password never appears in check-config's output or errors.
+#[test]
+fn the_redis_store_needs_its_key_and_never_prints_the_password() {
+    let files = Files::new();
+    let key = files.path("store.key");
+    let session = |lines: &str| {
+        let a = "127.0.0.1:1".parse().unwrap();
+        Setup::new(a, a)
+            .session(lines)
+            .toml(&files, "127.0.0.1:0", "127.0.0.1:0")
+    };
+    let url = "redis_url = \"redis://ehrgate:s3cret-pw@127.0.0.1:6379/0\"";
+    let with_key = format!(
+        "store = \"redis\"\n{url}\nstore_key = {:?}",
+        key.display().to_string()
+    );
+
+    refused(
+        &session(&format!("store = \"redis\"\n{url}")),
+        &["session.store_key", "32 random bytes"],
+    );
+    refused(&session(&with_key), &["session.store_key", "cannot read"]);
+    std::fs::write(&key, [7u8; 16]).unwrap();
+    refused(
+        &session(&with_key),
+        &["session.store_key", "16 bytes", "exactly 32"],
+    );
+    refused(
+        &session(&format!(
+            "store = \"redis\"\nstore_key = {:?}",
+            key.display().to_string()
+        )),
+        &["session.redis_url", "required"],
+    );
+    refused(
+        &session(&format!(
+            "store = \"redis\"\nredis_url = \"http://u:s3cret-pw@h/\"\nstore_key = {:?}",
+            key.display().to_string()
+        )),
+        &["session.redis_url", "redis://"],
+    );
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    let (code, stdout, stderr) = check_config(&session(&with_key));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("store = \"redis\""), "{stdout}");
+    assert!(
+        stdout.contains("redis://ehrgate:***@127.0.0.1:6379/0"),
+        "{stdout}"
+    );
+    for out in [&stdout, &stderr] {
+        assert!(
+            !out.contains("s3cret-pw"),
+            "the password was printed: {out}"
+        );
+    }
+    // A rediss:// CA that cannot be read is named.
+    let text = session(&format!(
+        "{with_key}\nredis_ca = {:?}",
+        files.path("absent-ca.pem").display().to_string()
+    ))
+    .replace("redis://", "rediss://");
+    refused(&text, &["session.redis_ca", "cannot read"]);
+}

@@ -398,7 +398,10 @@ struct SealedTicket {
 
 pub struct RedisStore {
     client: redis::Client,
-    conn: ConnectionManager,
+    /// Made on first use, inside the runtime (`check-config` builds the store without
+    /// one); it then reconnects by itself, with backoff.
+    conn: std::sync::OnceLock<ConnectionManager>,
+    manager: ConnectionManagerConfig,
     prefix: String,
     channel: String,
     sealer: Sealer,
@@ -522,17 +525,11 @@ impl RedisStore {
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(2));
-        let conn =
-            ConnectionManager::new_lazy_with_config(client.clone(), manager).map_err(|e| {
-                ConfigError::new(
-                    "session.redis_url",
-                    format!("cannot prepare a Redis connection: {e}"),
-                )
-            })?;
         let prefix = config.redis_key_prefix.clone();
         Ok(Self {
             client,
-            conn,
+            conn: std::sync::OnceLock::new(),
+            manager,
             channel: format!("{prefix}signout"),
             prefix,
             sealer: Sealer(LessSafeKey::new(aead)),
@@ -587,6 +584,21 @@ impl RedisStore {
         }
     }
 
+    /// The shared connection (cheap to clone: one multiplexed connection underneath).
+    fn conn(&self) -> StoreResult<ConnectionManager> {
+        if let Some(c) = self.conn.get() {
+            return Ok(c.clone());
+        }
+        let made =
+            ConnectionManager::new_lazy_with_config(self.client.clone(), self.manager.clone())
+                .map_err(|e| {
+                    let e = unavailable(e);
+                    self.went_wrong(&e);
+                    e
+                })?;
+        Ok(self.conn.get_or_init(|| made).clone())
+    }
+
     /// Runs a script with string arguments; every failure is counted and marks the
     /// store unhealthy until an operation succeeds again.
     async fn run(&self, script: &Script, args: &[&[u8]]) -> StoreResult<Value> {
@@ -594,7 +606,7 @@ impl RedisStore {
         for a in args {
             inv.arg(*a);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn()?;
         match inv.invoke_async::<Value>(&mut conn).await {
             Ok(v) => {
                 self.went_well();
@@ -1036,7 +1048,7 @@ impl SessionStore for RedisStore {
 
     async fn emr_keys_of_user(&self, user: &str) -> StoreResult<Vec<TokenHash>> {
         let key = format!("{}u:{}", self.prefix, self.user_hash(user));
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn()?;
         let members: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
             .arg(&key)
             .query_async(&mut conn)
@@ -1342,7 +1354,7 @@ impl SessionStore for RedisStore {
     async fn sweep_candidates(&self, now: Millis, l: StoreLimits) -> StoreResult<SweepCandidates> {
         let p = &self.prefix;
         let idle_before = now.saturating_sub(l.emr_idle);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn()?;
         let (dropped, idle, expired): (usize, Vec<Vec<u8>>, Vec<Vec<u8>>) = redis::pipe()
             .cmd("ZREMRANGEBYSCORE")
             .arg(format!("{p}z:tk"))
@@ -1401,7 +1413,7 @@ impl SessionStore for RedisStore {
                     .arg(format!("{}h:{}", self.prefix, emr.to_hex()))
                     .arg("gen");
             }
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn()?;
             let gens: Vec<Option<String>> = pipe.query_async(&mut conn).await.map_err(|e| {
                 let e = unavailable(e);
                 self.recheck_due.store(true, Ordering::Release);
@@ -1429,7 +1441,7 @@ impl SessionStore for RedisStore {
 
     async fn counts(&self) -> StoreResult<StoreCounts> {
         let p = &self.prefix;
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn()?;
         let (emr, ehr, tickets): (usize, usize, usize) = redis::pipe()
             .cmd("ZCARD")
             .arg(format!("{p}z:emr"))
