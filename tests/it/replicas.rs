@@ -12,8 +12,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::client::H1;
 use crate::support::clinic::{path_of, Browser, DOCTOR, PATIENTS};
+use crate::support::clinic::{FakeEmr, FakeViewer};
+use crate::support::redis::Redis;
 use crate::support::replicas::Replicas;
-use crate::support::{EHR, EMR};
+use crate::support::{Child, Setup, EHR, EMR};
 
 /// Only turns a hang into a failure: generous, so a loaded machine never trips it.
 const SOON: Duration = Duration::from_secs(60);
@@ -392,4 +394,51 @@ async fn a_logout_seen_while_redis_is_down_ends_the_session_when_it_is_back() {
     }
     assert_eq!(r.via(&browser, 1).viewer_get(&chart).await.status, 401);
     assert_eq!(r.viewer.logouts().len(), 1);
+}
+
+#[tokio::test]
+async fn a_tls_redis_with_a_private_ca_and_a_password_serves_the_flow() {
+    let redis = Redis::start_with(Some("pw-a8f3c2e9d1"), true);
+    assert!(redis.url().starts_with("rediss://"));
+    let r = Replicas::start_on(redis, 2, |s| s).await;
+    let browser = r.browser(DOCTOR);
+    let chart = enter_spread(&r, &browser, 0, 1, 0).await;
+    assert_eq!(r.via(&browser, 1).viewer_get(&chart).await.status, 200);
+    assert_eq!(
+        r.via(&browser, 1).emr_get("/oscar/logout.jsp").await.status,
+        302
+    );
+    assert_eq!(r.via(&browser, 0).viewer_get(&chart).await.status, 401);
+}
+
+#[tokio::test]
+async fn the_redis_password_never_reaches_the_log() {
+    const PASSWORD: &str = "pw-4b7e1f0c93";
+    let mut redis = Redis::start_with(Some(PASSWORD), false);
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("store.key");
+    std::fs::write(&key, [9u8; 32]).unwrap();
+    let (emr, viewer) = (FakeEmr::start().await, FakeViewer::start().await);
+    let child = Child::start(Setup::new(emr.addr, viewer.addr).session(&format!(
+        "store = \"redis\"\nredis_url = \"{}\"\nstore_key = {:?}",
+        redis.url(),
+        key.display().to_string()
+    )))
+    .await;
+    redis.stop();
+    // A viewer request needs the store: refused, and the failure is logged.
+    let req = http::Request::get("/chart")
+        .header("host", format!("{EHR}:{}", child.addr.port()))
+        .header(
+            "cookie",
+            "__Host-ehrgate=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        )
+        .body(Body::empty())
+        .unwrap();
+    let resp = child.client().h1(EHR).await.fetch(req).await;
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    child.logged(&["session store"]).await;
+    for line in child.logs() {
+        assert!(!line.contains(PASSWORD), "the password was logged: {line}");
+    }
 }

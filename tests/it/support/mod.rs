@@ -305,6 +305,11 @@ impl Child {
         client::TestClient::new(self.addr, &self.files.ca_pem)
     }
 
+    /// Every line it logged so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id().expect("child running")
     }

@@ -41,6 +41,24 @@ impl TestCa {
     /// A server TLS configuration (HTTP/1.1 and h2 by ALPN) whose certificate names
     /// exactly `names`.
     pub fn server(&self, names: &[Name]) -> Arc<rustls::ServerConfig> {
+        let (cert, key) = self.server_pem(names);
+        let chain = vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+
+    /// A server certificate for exactly `names` and its key, as PEM (for a server that
+    /// reads files, such as redis-server).
+    pub fn server_pem(&self, names: &[Name]) -> (String, String) {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         for n in names {
@@ -55,18 +73,7 @@ impl TestCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let chain = vec![CertificateDer::from_pem_slice(cert.pem().as_bytes()).unwrap()];
-        let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Arc::new(config)
+        (cert.pem(), key.serialize_pem())
     }
 
     /// Writes the CA certificate into `dir` and returns its path, for `upstream_ca`.

@@ -12,6 +12,10 @@ pub struct Redis {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// `requirepass`, when set.
+    password: Option<String>,
+    /// Served over TLS only (`rediss://`), with a certificate from this CA (PEM path).
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 /// Only turns a hang into a failure.
@@ -19,13 +23,29 @@ const READY_WITHIN: Duration = Duration::from_secs(60);
 
 impl Redis {
     pub fn start() -> Self {
+        Self::start_with(None, false)
+    }
+
+    /// With a password, and over TLS only with a certificate for 127.0.0.1 from `ca`.
+    pub fn start_with(password: Option<&str>, tls: bool) -> Self {
         let bin = which("redis-server").unwrap_or_else(|| {
             panic!("redis-server is not installed: run scripts/install-test-deps.sh (Debian package redis-server)")
         });
+        let dir = tempfile::tempdir().unwrap();
+        let tls_ca = tls.then(|| {
+            let ca = super::pki::TestCa::new("redis test CA");
+            let (cert, key) = ca.server_pem(&[super::pki::LOOPBACK]);
+            std::fs::write(dir.path().join("redis.crt"), cert).unwrap();
+            std::fs::write(dir.path().join("redis.key"), key).unwrap();
+            std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
+            dir.path().join("ca.pem")
+        });
         let mut r = Self {
             port: 0,
-            dir: tempfile::tempdir().unwrap(),
+            dir,
             child: None,
+            password: password.map(str::to_string),
+            tls_ca,
         };
         // A free loopback port: the kernel picks it, the server takes it over (tried again
         // in the rare case another process took it in between).
@@ -44,12 +64,24 @@ impl Redis {
 
     /// Starts the server on `self.port`; true once it answers PING.
     fn spawn(&mut self, bin: &PathBuf) -> bool {
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        let d = self.dir.path();
+        if self.tls_ca.is_some() {
+            cmd.args(["--port", "0", "--tls-port", &self.port.to_string()]);
+            cmd.arg("--tls-cert-file").arg(d.join("redis.crt"));
+            cmd.arg("--tls-key-file").arg(d.join("redis.key"));
+            cmd.arg("--tls-ca-cert-file").arg(d.join("ca.pem"));
+            cmd.args(["--tls-auth-clients", "no"]);
+        } else {
+            cmd.args(["--port", &self.port.to_string()]);
+        }
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
             .args([
                 "--bind",
                 "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
                 "--dir",
                 &self.dir.path().display().to_string(),
                 "--save",
@@ -86,7 +118,7 @@ impl Redis {
     }
 
     fn ping(&self) -> bool {
-        let Ok(client) = redis::Client::open(self.url()) else {
+        let Ok(client) = self.client() else {
             return false;
         };
         let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(500)) else {
@@ -96,7 +128,34 @@ impl Redis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls_ca.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        let auth = match &self.password {
+            Some(p) => format!("default:{p}@"),
+            None => String::new(),
+        };
+        format!("{scheme}://{auth}127.0.0.1:{}/0", self.port)
+    }
+
+    /// The CA file a `rediss://` client must trust (`session.redis_ca`).
+    pub fn ca_path(&self) -> Option<&std::path::Path> {
+        self.tls_ca.as_deref()
+    }
+
+    fn client(&self) -> redis::RedisResult<redis::Client> {
+        match &self.tls_ca {
+            None => redis::Client::open(self.url()),
+            Some(ca) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(ca).unwrap()),
+                },
+            ),
+        }
     }
 
     /// Stops the server (as an outage does); its data stays on disk.
@@ -116,7 +175,7 @@ impl Redis {
 
     /// A connection for the test's own look at what is stored.
     pub fn conn(&self) -> redis::Connection {
-        redis::Client::open(self.url())
+        self.client()
             .unwrap()
             .get_connection_with_timeout(Duration::from_secs(5))
             .unwrap()

@@ -33,7 +33,11 @@ impl Replicas {
     }
 
     pub async fn start_with(n: usize, f: impl Fn(Setup) -> Setup) -> Self {
-        let redis = Redis::start();
+        Self::start_on(Redis::start(), n, f).await
+    }
+
+    /// On a Redis the test set up itself (TLS, a password).
+    pub async fn start_on(redis: Redis, n: usize, f: impl Fn(Setup) -> Setup) -> Self {
         let files = Files::new();
         let key = files.path("store.key");
         let mut bytes = [0u8; 32];
@@ -41,11 +45,15 @@ impl Replicas {
         std::fs::write(&key, bytes).unwrap();
         let emr = FakeEmr::start().await;
         let viewer = FakeViewer::start().await;
-        let setup = f(Setup::new(emr.addr, viewer.addr).session(&format!(
+        let mut session = format!(
             "store = \"redis\"\nredis_url = \"{}\"\nstore_key = {:?}\nredis_key_prefix = \"test:\"",
             redis.url(),
             key.display().to_string()
-        )));
+        );
+        if let Some(ca) = redis.ca_path() {
+            session.push_str(&format!("\nredis_ca = {:?}", ca.display().to_string()));
+        }
+        let setup = f(Setup::new(emr.addr, viewer.addr).session(&session));
         let text = setup.toml(&files, "127.0.0.1:0", "127.0.0.1:0");
         let mut gates = Vec::new();
         // One after another: the first creates the audit hash key the others reuse.
