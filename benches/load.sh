@@ -12,6 +12,11 @@
 #   emr     ehrgate, EMR host (routing, header rules, EMR session bookkeeping)
 #   ehr     ehrgate, viewer host with a live EHR session in vault mode (cookie ->
 #           session lookup -> jar merge -> forward): the realistic hot path
+#   emr-redis, ehr-redis  the same on a second ehrgate whose sessions live in a local
+#           redis-server (session.store = "redis"), measured beside the memory store;
+#           redis-server's own CPU per request is reported beside ehrgate's
+# With Redis it also measures sign-out propagation: SIGNOUTS sign-outs on one redis
+# replica, each timed until an event stream on the other replica says `logout`.
 # The proxies run on CPU $PROXY_CPU, the load generator and upstream on $LOAD_CPU. It
 # reports medians: requests/s at saturation (wrk), the proxy's CPU time per request
 # (utime+stime from /proc over the run / completed requests), p50/p99 at a fixed rate
@@ -28,7 +33,9 @@ RATE=${RATE:-5000}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 BULK=${BULK:-10000}
+SIGNOUTS=${SIGNOUTS:-1000}
 UP_PORT=18080 NGINX_PORT=18443 GATE_PORT=19443 ADMIN_PORT=19090 BASE_PORT=19444 BASE_ADMIN_PORT=19091
+REDIS_PORT=16379 RGATE_PORT=19445 RGATE_ADMIN_PORT=19092 RGATE2_PORT=19446 RGATE2_ADMIN_PORT=19093
 EMR=emr.bench.localhost EHR=ehr.bench.localhost
 OUT=$ROOT/target/load
 mkdir -p "$OUT"
@@ -53,12 +60,14 @@ command -v nginx >/dev/null || missing+=(nginx-light)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v curl >/dev/null || missing+=(curl)
 command -v taskset >/dev/null || missing+=(util-linux)
+command -v redis-server >/dev/null || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
   # Debian starts the packaged nginx service; this script runs its own instances.
   if [[ " ${missing[*]} " == *" nginx-light "* ]]; then $sudo service nginx stop >/dev/null 2>&1 || true; fi
+  if [[ " ${missing[*]} " == *" redis-server "* ]]; then $sudo service redis-server stop >/dev/null 2>&1 || true; fi
 fi
 if ! command -v oha >/dev/null && [ -z "${SKIP_OHA:-}" ]; then
   echo "building oha (a constant-rate load generator; about 7 minutes, once)" >&2
@@ -138,7 +147,7 @@ EOF
 taskset -c "$PROXY_CPU" nginx -p "$WORK" -c "$WORK/proxy.conf"
 
 # --- ehrgate -----------------------------------------------------------------------
-gate_config() { # port admin_port name
+gate_config() { # port admin_port name [session lines]
   cat > "$WORK/$3.toml" <<EOF
 [server]
 listen = "127.0.0.1:$1"
@@ -155,6 +164,8 @@ upstream = "http://127.0.0.1:$UP_PORT"
 [[authority]]
 id = "2.16.840.1.113883.3.239.9:101"
 name = "Maple Family Health Team"
+[session]
+${4:-}
 [context]
 signing_key = "$WORK/signing.pem"
 [audit]
@@ -173,6 +184,22 @@ start_gate() { # binary name -> pid
 gate_config "$GATE_PORT" "$ADMIN_PORT" ehrgate
 GATE_PID=$(start_gate "$GATE_BIN" ehrgate)
 PIDS+=("$GATE_PID")
+# A local Redis (its own port and directory, no persistence) and two replicas on it.
+head -c 32 /dev/urandom > "$WORK/store.key"
+taskset -c "$LOAD_CPU" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+  --dir "$WORK" --daemonize yes --pidfile "$WORK/redis.pid" --logfile "$WORK/redis.log"
+for _ in $(seq 100); do [ -s "$WORK/redis.pid" ] && redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+REDIS_PID=$(cat "$WORK/redis.pid")
+PIDS+=("$REDIS_PID")
+REDIS_SESSION="store = \"redis\"
+redis_url = \"redis://127.0.0.1:$REDIS_PORT/0\"
+store_key = \"$WORK/store.key\""
+gate_config "$RGATE_PORT" "$RGATE_ADMIN_PORT" redis "$REDIS_SESSION"
+RGATE_PID=$(start_gate "$GATE_BIN" redis)
+PIDS+=("$RGATE_PID")
+gate_config "$RGATE2_PORT" "$RGATE2_ADMIN_PORT" redis2 "$REDIS_SESSION"
+RGATE2_PID=$(start_gate "$GATE_BIN" redis2)
+PIDS+=("$RGATE2_PID")
 BASE_PID=""
 if [ -n "${BASE_BIN:-}" ]; then
   gate_config "$BASE_PORT" "$BASE_ADMIN_PORT" base
@@ -199,11 +226,13 @@ new_session() { # $1: the EMR session cookie value, $2: the port; prints the __H
 }
 TOKEN=$(new_session bench-hot-path)
 [ -n "$TOKEN" ] || { echo "could not open a viewer session" >&2; cat "$WORK/ehrgate.err" >&2; exit 1; }
-TARGETS="direct nginx emr ehr"
+RTOKEN=$(new_session bench-redis-path "$RGATE_PORT")
+[ -n "$RTOKEN" ] || { echo "could not open a viewer session on the redis store" >&2; cat "$WORK/redis.err" >&2; exit 1; }
+TARGETS="direct nginx emr ehr emr-redis ehr-redis"
 if [ -n "$BASE_PID" ]; then
   BASE_TOKEN=$(new_session bench-base-path "$BASE_PORT")
   [ -n "$BASE_TOKEN" ] || { echo "could not open a viewer session on BASE_BIN" >&2; cat "$WORK/base.err" >&2; exit 1; }
-  TARGETS="direct nginx emr ehr emr-base ehr-base"
+  TARGETS="$TARGETS emr-base ehr-base"
 fi
 
 target_args() { # name -> URL and headers for wrk/oha
@@ -214,36 +243,40 @@ target_args() { # name -> URL and headers for wrk/oha
     ehr) echo "https://127.0.0.1:$GATE_PORT/chart|Host: $EHR:$GATE_PORT|Cookie: __Host-ehrgate=$TOKEN" ;;
     emr-base) echo "https://127.0.0.1:$BASE_PORT/oscar/provider/providercontrol.jsp|Host: $EMR:$BASE_PORT" ;;
     ehr-base) echo "https://127.0.0.1:$BASE_PORT/chart|Host: $EHR:$BASE_PORT|Cookie: __Host-ehrgate=$BASE_TOKEN" ;;
+    emr-redis) echo "https://127.0.0.1:$RGATE_PORT/oscar/provider/providercontrol.jsp|Host: $EMR:$RGATE_PORT" ;;
+    ehr-redis) echo "https://127.0.0.1:$RGATE_PORT/chart|Host: $EHR:$RGATE_PORT|Cookie: __Host-ehrgate=$RTOKEN" ;;
   esac
 }
-proxy_pids() { case $1 in direct) echo "" ;; nginx) nginx_pids ;; *-base) echo "$BASE_PID" ;; *) echo "$GATE_PID" ;; esac; }
+proxy_pids() { case $1 in direct) echo "" ;; nginx) nginx_pids ;; *-base) echo "$BASE_PID" ;; *-redis) echo "$RGATE_PID" ;; *) echo "$GATE_PID" ;; esac; }
 
 median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print "n/a"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
-declare -A RPS CPU P50 P99
-run_wrk() { # target extra-header -> "rps cpu_us_per_req"
-  local spec url h=() pids t0 t1 out reqs
+declare -A RPS CPU P50 P99 SCPU
+run_wrk() { # target extra-header -> "rps cpu_us_per_req redis_cpu_us_per_req"
+  local spec url h=() pids t0 t1 s0 s1 out reqs
   IFS='|' read -r -a spec <<< "$(target_args "$1")"
   url=${spec[0]}
   for x in "${spec[@]:1}"; do h+=(-H "$x"); done
   [ -n "${2:-}" ] && h+=(-H "$2")
   pids=$(proxy_pids "$1")
   t0=$( [ -n "$pids" ] && cpu_ticks $pids || echo 0)
+  s0=$(cpu_ticks "$REDIS_PID")
   out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" "${h[@]}" "$url")
   t1=$( [ -n "$pids" ] && cpu_ticks $pids || echo 0)
+  s1=$(cpu_ticks "$REDIS_PID")
   if grep -q "Non-2xx" <<< "$out"; then echo "$1: non-2xx answers:" >&2; echo "$out" >&2; exit 1; fi
   reqs=$(awk '/requests in/ {print $1}' <<< "$out")
-  awk -v r="$reqs" -v d="$DURATION" -v dt="$((t1 - t0))" -v hz="$TICK" \
-    'BEGIN {printf "%.0f %.2f\n", r / d, (r > 0 ? dt / hz / r * 1e6 : 0)}'
+  awk -v r="$reqs" -v d="$DURATION" -v dt="$((t1 - t0))" -v ds="$((s1 - s0))" -v hz="$TICK" \
+    'BEGIN {printf "%.0f %.2f %.2f\n", r / d, (r > 0 ? dt / hz / r * 1e6 : 0), (r > 0 ? ds / hz / r * 1e6 : 0)}'
 }
 
 log ""
 log "## Saturation (wrk -t1 -c$CONNS, ${DURATION}s, keep-alive), $REPEATS alternating repeats"
 for rep in $(seq "$REPEATS"); do
   for t in $TARGETS; do
-    read -r rps cpu < <(run_wrk "$t")
-    RPS[$t]+="$rps "; CPU[$t]+="$cpu "
-    log "  run $rep $t: $rps req/s, proxy CPU ${cpu} µs/req"
+    read -r rps cpu scpu < <(run_wrk "$t")
+    RPS[$t]+="$rps "; CPU[$t]+="$cpu "; SCPU[$t]+="$scpu "
+    log "  run $rep $t: $rps req/s, proxy CPU ${cpu} µs/req, redis-server CPU ${scpu} µs/req"
   done
 done
 
@@ -282,7 +315,7 @@ for mode in "new" "new -tls1_2" "reuse -tls1_2"; do
 done
 log "## New connection + one request (wrk with Connection: close)"
 for t in nginx emr; do
-  read -r rps cpu < <(run_wrk "$t" "Connection: close")
+  read -r rps cpu _ < <(run_wrk "$t" "Connection: close")
   HS[close-$t]="$rps conn/s, $cpu µs CPU each"
   log "  $t: ${HS[close-$t]}"
 done
@@ -337,6 +370,61 @@ log "  admin sign-out of $(python3 -c 'import json,sys;print(json.load(open(sys.
 next=$(curl -sk --resolve "$EHR:$GATE_PORT:127.0.0.1" -H "Cookie: __Host-ehrgate=$TOKEN" -o /dev/null -w '%{http_code}' "https://$EHR:$GATE_PORT/chart")
 log "  next viewer request of a signed-out session: $next"
 
+log ""
+log "## Sign-out propagation between replicas (Redis): $SIGNOUTS sign-outs on one replica,"
+log "   each timed from the logout request until the other replica's event stream says logout"
+PROP=$(python3 - "$RGATE_PORT" "$RGATE2_PORT" "$EMR" "$EHR" "$SIGNOUTS" <<'PY'
+import http.client, ssl, sys, time
+a, b, emr, ehr, n = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+ctx = ssl._create_unverified_context()
+def cookie(r, name):
+    for k, val in r.getheaders():
+        if k.lower() == "set-cookie" and val.startswith(name + "="):
+            return val.split(";", 1)[0]
+    return None
+def path(loc):
+    return "/" + loc.split("://", 1)[1].split("/", 1)[1]
+e = http.client.HTTPSConnection("127.0.0.1", a, context=ctx)
+v = http.client.HTTPSConnection("127.0.0.1", a, context=ctx)
+times = []
+for i in range(n):
+    jsession = f"JSESSIONID=prop-{i}"
+    e.request("GET", "/oscar/clinicalConnectEHRViewer.do?demographicNo=1001",
+              headers={"Host": f"{emr}:{a}", "Cookie": jsession, "Sec-Fetch-Site": "same-origin"})
+    r = e.getresponse(); loc = r.getheader("Location"); r.read()
+    assert r.status == 303, r.status
+    marker = cookie(r, "__Host-ehrgate-emr")
+    v.request("GET", path(loc), headers={"Host": f"{ehr}:{a}"})
+    r = v.getresponse(); r.read(); bind = cookie(r, "__Host-ehrgate-bind")
+    e.request("GET", path(r.getheader("Location")), headers={"Host": f"{emr}:{a}", "Cookie": marker})
+    c = e.getresponse(); c.read()
+    v.request("GET", path(c.getheader("Location")), headers={"Host": f"{ehr}:{a}", "Cookie": bind})
+    r = v.getresponse(); r.read(); session = cookie(r, "__Host-ehrgate")
+    assert r.status == 302 and session, r.status
+    s = http.client.HTTPSConnection("127.0.0.1", b, context=ctx, timeout=30)
+    s.request("GET", "/.ehrgate/events", headers={"Host": f"{ehr}:{b}", "Cookie": session})
+    stream = s.getresponse()
+    assert stream.status == 200, stream.status
+    while b"connected" not in stream.readline():
+        pass
+    t0 = time.perf_counter()
+    e.request("GET", "/oscar/logout.jsp", headers={"Host": f"{emr}:{a}", "Cookie": jsession})
+    while True:
+        line = stream.readline()
+        if line.startswith(b"event: logout"):
+            times.append(time.perf_counter() - t0)
+            break
+        assert line, "stream ended without logout"
+    r = e.getresponse(); r.read()
+    s.close()
+times.sort()
+q = lambda p: times[min(len(times) - 1, int(p * len(times)))] * 1e3
+print(f"{q(0.5):.2f} {q(0.99):.2f} {times[-1] * 1e3:.2f} {len(times)}")
+PY
+)
+read -r PROP50 PROP99 PROPMAX PROPN <<< "$PROP"
+log "  p50 ${PROP50} ms, p99 ${PROP99} ms, max ${PROPMAX} ms over $PROPN sign-outs"
+
 # --- summary -----------------------------------------------------------------------
 m() { echo "$1" | tr ' ' '\n' | { grep -v '^$' || true; } | median; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b + 0 == 0 || a == "n/a") print "n/a"; else printf "%.2f", a / b}'; }
@@ -350,6 +438,18 @@ for t in $TARGETS; do
   if [ "$t" = direct ]; then c="—"; fi
   log "| $t | $r | $c | $a | $b | $(ratio "$r" "$(m "${RPS[nginx]}")") | $( [ "$t" = direct ] && echo — || ratio "$c" "$(m "${CPU[nginx]}")") | $(ratio "$a" "$(m "${P50[nginx]:-}")") | $(ratio "$b" "$(m "${P99[nginx]:-}")") |"
 done
+log ""
+log "| redis store vs memory store | ehrgate CPU µs/req (memory) | ehrgate CPU µs/req (redis) | + redis-server µs/req | (redis + redis-server) ÷ memory | p50 added ms @${RATE}/s | p99 added ms @${RATE}/s |"
+log "| --- | --- | --- | --- | --- | --- | --- |"
+for h in emr ehr; do
+  c=$(m "${CPU[$h-redis]}"); sc=$(m "${SCPU[$h-redis]}"); cm=$(m "${CPU[$h]}")
+  total=$(awk -v a="$c" -v b="$sc" 'BEGIN {printf "%.2f", a + b}')
+  d50=$(awk -v a="$(m "${P50[$h-redis]:-}")" -v b="$(m "${P50[$h]:-}")" 'BEGIN {if (a == "n/a" || b == "n/a") print "n/a"; else printf "%.3f", a - b}')
+  d99=$(awk -v a="$(m "${P99[$h-redis]:-}")" -v b="$(m "${P99[$h]:-}")" 'BEGIN {if (a == "n/a" || b == "n/a") print "n/a"; else printf "%.3f", a - b}')
+  log "| $h host | $cm | $c | $sc | $(ratio "$total" "$cm") | $d50 | $d99 |"
+done
+log ""
+log "sign-out propagation to another replica's event stream: p50 ${PROP50} ms, p99 ${PROP99} ms (max ${PROPMAX} ms, $PROPN sign-outs)"
 log ""
 log "| TLS | nginx | ehrgate |"
 log "| --- | --- | --- |"
