@@ -332,8 +332,9 @@ impl RedisUrl {
             return s.clone();
         };
         let rest = &s[scheme_end + 3..];
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        match rest[..authority_end].rfind('@') {
+        // The last `@` ends the user information, whatever the password holds (even an
+        // unencoded `/`): everything before it is hidden but the user name.
+        match rest.rfind('@') {
             Some(at) => {
                 let userinfo = &rest[..at];
                 let user = userinfo.split(':').next().unwrap_or("");
@@ -799,6 +800,12 @@ impl Config {
                     "{:?} must start with redis:// or rediss:// (TLS)",
                     s.redis_url.redacted()
                 ),
+            ));
+        }
+        if url.contains('#') {
+            return Err(ConfigError::new(
+                "session.redis_url",
+                "must not have a #fragment (#insecure would turn off certificate checks); trust a private CA with session.redis_ca",
             ));
         }
         if !s.redis_ca.as_os_str().is_empty() && !url.starts_with("rediss://") {

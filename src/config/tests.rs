@@ -151,3 +151,22 @@ fn effective_config_redacts_the_hash_key() {
     let again = Config::parse(&shown.replace("<redacted>", "x")).unwrap();
     assert_eq!(again.server.listen, c.server.listen);
 }
+
+#[test]
+fn a_redis_password_is_never_shown() {
+    for (url, shown) in [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        (
+            "redis://ehrgate:pw@h:6379/0",
+            "redis://ehrgate:***@h:6379/0",
+        ),
+        ("rediss://:pw@h/0", "rediss://:***@h/0"),
+        ("redis://pw@h/0", "redis://***@h/0"),
+        // An unencoded '/' or '@' in the password hides all of it still.
+        ("redis://u:a/b@c@h:6379/0", "redis://u:***@h:6379/0"),
+    ] {
+        let u = RedisUrl::new(url);
+        assert_eq!(u.redacted(), shown);
+        assert_eq!(format!("{u:?}"), format!("{shown:?}"));
+    }
+}

@@ -190,7 +190,11 @@ impl Gateway {
             demographic_no: t.patient.demographic_no.parse().unwrap_or_default(),
             hcn_hmac: self.audit.hcn_tag(&t.patient.hcn),
         };
-        self.store.save_ehr(&session).await.map_err(down)?;
+        if !self.store.save_ehr(&session).await.map_err(down)? {
+            // Ended meanwhile (a Disconnect or sign-out on another replica).
+            let e = RedeemError::EmrSessionEnded;
+            return Err(self.refuse_ticket(ctx, &hash, Some(&t), e, "enter").await);
+        }
 
         let unix = time::OffsetDateTime::now_utc().unix_timestamp();
         // The viewer's origin as configured (with the port the browser used), never the

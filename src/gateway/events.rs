@@ -92,7 +92,8 @@ impl Gateway {
         req: &Request<()>,
     ) -> Result<Response<Body>, Problem> {
         let mut session = None;
-        for v in cookies::get_all(req.headers(), EHR_COOKIE) {
+        for v in cookies::get_all(req.headers(), EHR_COOKIE).take(super::viewer::MAX_COOKIE_COPIES)
+        {
             let found = self
                 .store
                 .viewer_session(&TokenHash::of(v), None)

@@ -25,7 +25,8 @@ impl Gateway {
         &self,
         headers: &HeaderMap,
     ) -> Result<Option<std::sync::Arc<EmrSession>>, StoreError> {
-        for m in cookies::get_all(headers, EMR_MARKER_COOKIE) {
+        for m in cookies::get_all(headers, EMR_MARKER_COOKIE).take(super::viewer::MAX_COOKIE_COPIES)
+        {
             if let Some(emr) = self.store.emr_by_marker(&TokenHash::of(m)).await? {
                 return Ok(Some(emr));
             }
@@ -84,10 +85,16 @@ impl Gateway {
                 .ehr_of_emr(&emr.key)
                 .await
                 .map_err(|e| self.store_problem(e))?;
-            if self
+            let ended = self
                 .end_ehr_of(&emr.key, EndReason::Disconnect, Some(ctx.id()))
-                .await
-            {
+                .await;
+            if !ended && self.pending.holds(&emr.key).is_some() {
+                // Not done yet: the clinician must not be told the EHR is disconnected.
+                return Err(self.store_problem(StoreError::Unavailable(
+                    "the disconnect could not be recorded".into(),
+                )));
+            }
+            if ended {
                 let mut record = Record::new(Event::Disconnect, "ok")
                     .user(&emr.user)
                     .request_id(ctx.id());

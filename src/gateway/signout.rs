@@ -31,7 +31,11 @@ impl Gateway {
     ) -> bool {
         let (emr, ehr) = match self.store.end_emr(key).await {
             Ok(Some(ended)) => ended,
-            Ok(None) => return false,
+            Ok(None) => {
+                // Ended already (by another replica, say): nothing is owed any more.
+                self.pending.forget(key);
+                return false;
+            }
             Err(e) => {
                 self.store_failed(&e);
                 self.pending.remember(*key, true, reason);
@@ -106,11 +110,22 @@ impl Gateway {
         let ends = keys
             .iter()
             .map(|k| self.sign_out_emr(k, EndReason::Admin, request_id));
-        Ok(futures_util::future::join_all(ends)
+        let ended = futures_util::future::join_all(ends)
             .await
             .into_iter()
             .filter(|ended| *ended)
-            .count())
+            .count();
+        let held = keys
+            .iter()
+            .filter(|k| self.pending.holds(k).is_some())
+            .count();
+        if held > 0 {
+            // Not all done: the caller must not be told the user is signed out.
+            return Err(crate::session::StoreError::Unavailable(format!(
+                "{held} of the user's sessions could not be signed out yet (kept, retried)"
+            )));
+        }
+        Ok(ended)
     }
 
     pub(crate) async fn finish_ehr(

@@ -74,15 +74,15 @@ async fn sweep(gateway: &Gateway) {
     for emr in &found.orphan_ehr {
         gateway.end_ehr_of(emr, EndReason::EmrGone, None).await;
     }
-    let rechecked = match &**store {
-        Sessions::Redis(r) if r.recheck_due() => match store.recheck_live().await {
-            Ok(n) => n,
-            Err(e) => {
-                gateway.store_failed(&e);
-                0
-            }
-        },
-        _ => 0,
+    // Every sweep, not only after a lost subscription: a subscription can also die
+    // silently (a half-open connection), and a session can end without a message (its
+    // record expired). One pipelined look-up per thousand handles.
+    let rechecked = match store.recheck_live().await {
+        Ok(n) => n,
+        Err(e) => {
+            gateway.store_failed(&e);
+            0
+        }
     };
     let n = found.tickets_dropped
         + found.idle_emr.len()

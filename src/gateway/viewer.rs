@@ -27,6 +27,10 @@ use crate::server::ConnInfo;
 use crate::session::decide::{self, EndReason};
 use crate::session::{EhrSession, SessionStore, StoreError, TokenHash, ViewerSession};
 
+/// Copies of one of ehrgate's cookies looked up per request (a browser sends one; each
+/// costs a store look-up, so a header full of them costs no more than this).
+pub(crate) const MAX_COOKIE_COPIES: usize = 3;
+
 /// Why a viewer response was cut.
 const SIGNED_OUT: &str = "the EHR session ended while the viewer's response was streaming";
 
@@ -41,7 +45,8 @@ impl Gateway {
     ) -> Result<Option<Arc<EhrSession>>, StoreError> {
         let now = self.store.now();
         let mut found = None;
-        for v in cookies::get_all(headers, EHR_COOKIE) {
+        // A few copies at most: each costs a store look-up.
+        for v in cookies::get_all(headers, EHR_COOKIE).take(MAX_COOKIE_COPIES) {
             if let Some(s) = self
                 .store
                 .viewer_session(&TokenHash::of(v), Some(now))
@@ -54,6 +59,10 @@ impl Gateway {
         let Some(ViewerSession { ehr: session, emr }) = found else {
             return Ok(None);
         };
+        // Its sign-out reached this replica after the store was read.
+        if session.is_closed() {
+            return Ok(None);
+        }
         // A sign-out held back by a store outage is done before anything else.
         if let Some((emr_side, reason)) = self.pending.holds(&session.emr) {
             if emr_side {
@@ -313,10 +322,16 @@ impl Gateway {
                 }
             }
             // Kept before the response goes on: the next request, on any replica, has them.
-            self.store
+            let saved = self
+                .store
                 .save_ehr(session)
                 .await
                 .map_err(|e| self.store_problem(e))?;
+            if !saved {
+                // The session ended while the viewer answered: nothing of it goes on.
+                session.close();
+                return Err(self.ehr_session_ended(&HeaderMap::new()));
+            }
             if self.config.ehr.cookie_mode == CookieMode::Vault {
                 parts.headers.remove(SET_COOKIE);
             }

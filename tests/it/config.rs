@@ -341,6 +341,10 @@ fn the_redis_store_needs_its_key_and_never_prints_the_password() {
         &["session.redis_url", "redis://"],
     );
     std::fs::write(&key, [7u8; 32]).unwrap();
+    refused(
+        &session(&with_key.replace("6379/0", "6379/0#insecure")),
+        &["session.redis_url", "#insecure"],
+    );
     let (code, stdout, stderr) = check_config(&session(&with_key));
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("store = \"redis\""), "{stdout}");

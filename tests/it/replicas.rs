@@ -329,6 +329,9 @@ async fn with_redis_down_ehr_access_fails_closed_and_resumes_without_a_restart()
         .emr_get("/oscar/provider/appointments")
         .await;
     assert_eq!(emr.status, 200, "{}", emr.text());
+    // Disconnect cannot be recorded: the clinician is told so, not "disconnected".
+    let disconnect = r.via(&browser, 1).emr_post("/.ehrgate/disconnect").await;
+    assert_eq!(disconnect.status, 503, "{}", disconnect.text());
     // Readiness says why; the metric counts it.
     let (status, body) = r.admin_get(1, "/readyz").await;
     assert_eq!(status, 503);
@@ -342,19 +345,29 @@ async fn with_redis_down_ehr_access_fails_closed_and_resumes_without_a_restart()
         .unwrap();
     assert!(errors > 0, "{metrics}");
 
-    // Back: the same session works again on both replicas, without a restart.
+    // Back: the same session works again on both replicas, without a restart (the
+    // Disconnect was refused, not taken: the clinician was told to try again).
     r.redis.restart();
-    let deadline = Instant::now() + SOON;
-    loop {
-        let page = r.via(&browser, 1).viewer_get(&chart).await;
-        if page.status == 200 {
-            break;
+    let back = Instant::now();
+    for i in [1, 0] {
+        let deadline = Instant::now() + SOON;
+        loop {
+            let page = r.via(&browser, i).viewer_get(&chart).await;
+            if page.status == 200 {
+                break;
+            }
+            assert_eq!(page.status, 503, "{}", page.text());
+            assert!(Instant::now() < deadline, "replica {i} never resumed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(page.status, 503, "{}", page.text());
-        assert!(Instant::now() < deadline, "never resumed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(r.via(&browser, 0).viewer_get(&chart).await.status, 200);
+    eprintln!(
+        "both replicas served again {:?} after Redis came back",
+        back.elapsed()
+    );
+    // And new launches work again.
+    let chart = enter_spread(&r, &browser, 0, 1, 0).await;
+    assert_eq!(r.via(&browser, 1).viewer_get(&chart).await.status, 200);
     let deadline = Instant::now() + SOON;
     while r.admin_get(1, "/readyz").await.0 != 200 {
         assert!(Instant::now() < deadline, "readiness never came back");
@@ -441,4 +454,27 @@ async fn the_redis_password_never_reaches_the_log() {
     for line in child.logs() {
         assert!(!line.contains(PASSWORD), "the password was logged: {line}");
     }
+}
+
+#[tokio::test]
+async fn an_emr_record_that_expired_first_still_ends_its_ehr_session_at_logout() {
+    let r = Replicas::start(2).await;
+    let browser = r.browser(DOCTOR);
+    let chart = enter_spread(&r, &browser, 0, 1, 0).await;
+    // The EMR session's record expires (its TTL ran out while no sweeper ran).
+    let mut conn = r.redis.conn();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("test:e:*").query(&mut conn).unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let _: () = redis::cmd("DEL").arg(&keys[0]).query(&mut conn).unwrap();
+    // The EMR logout still ends the EHR session, with its effects, before it answers.
+    assert_eq!(
+        r.via(&browser, 1).emr_get("/oscar/logout.jsp").await.status,
+        302
+    );
+    assert_eq!(
+        r.viewer.logouts().len(),
+        1,
+        "viewer signed out at the logout"
+    );
+    assert_eq!(r.via(&browser, 0).viewer_get(&chart).await.status, 401);
 }

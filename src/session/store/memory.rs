@@ -346,9 +346,9 @@ impl SessionStore for MemoryStore {
         MemoryStore::rekey_ehr(self, session, new_id);
         Ok(!session.is_closed())
     }
-    async fn save_ehr(&self, _session: &Arc<EhrSession>) -> StoreResult<()> {
+    async fn save_ehr(&self, session: &Arc<EhrSession>) -> StoreResult<bool> {
         // The session object is the store's own: nothing to write back.
-        Ok(())
+        Ok(!session.is_closed())
     }
     async fn remove_ehr_of_emr(&self, emr: &TokenHash) -> StoreResult<Option<Arc<EhrSession>>> {
         Ok(MemoryStore::remove_ehr_of_emr(self, emr))

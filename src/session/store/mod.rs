@@ -160,8 +160,9 @@ pub trait SessionStore: Send + Sync + 'static {
         new_id: TokenHash,
     ) -> impl Future<Output = StoreResult<bool>> + Send;
     /// Writes back what a request changed in an EHR session (its cookie jar, the patient
-    /// opened). Never brings back a session that ended.
-    fn save_ehr(&self, session: &Arc<EhrSession>) -> impl Future<Output = StoreResult<()>> + Send;
+    /// opened). Never brings back a session that ended: false if it had.
+    fn save_ehr(&self, session: &Arc<EhrSession>)
+        -> impl Future<Output = StoreResult<bool>> + Send;
     /// Unlinks and removes the EHR session of an EMR session (once: a concurrent call
     /// gets `None`).
     fn remove_ehr_of_emr(
@@ -324,7 +325,7 @@ impl SessionStore for Sessions {
     async fn rekey_ehr(&self, session: &Arc<EhrSession>, new_id: TokenHash) -> StoreResult<bool> {
         delegate!(self, s => SessionStore::rekey_ehr(s, session, new_id))
     }
-    async fn save_ehr(&self, session: &Arc<EhrSession>) -> StoreResult<()> {
+    async fn save_ehr(&self, session: &Arc<EhrSession>) -> StoreResult<bool> {
         delegate!(self, s => SessionStore::save_ehr(s, session))
     }
     async fn remove_ehr_of_emr(&self, emr: &TokenHash) -> StoreResult<Option<Arc<EhrSession>>> {

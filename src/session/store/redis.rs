@@ -80,10 +80,11 @@ end
 const INSERT_EMR: &str = r#"
 local P, E, now, ttl = ARGV[1], ARGV[2], ARGV[5], ARGV[6]
 local e = P .. 'e:' .. E
-local r = redis.call('HMGET', e, 'user', 'created')
+local r = redis.call('HMGET', e, 'user', 'created', 'uh')
 if r[1] then
   redis.call('HSET', e, 'seen', now)
   redis.call('PEXPIRE', e, ttl)
+  redis.call('PEXPIRE', P .. 'u:' .. r[3], ttl)
   redis.call('ZADD', P .. 'z:emr', now, E)
   return {r[1], r[2], now}
 end
@@ -123,15 +124,17 @@ local P, E = ARGV[1], ARGV[2]
 local e = P .. 'e:' .. E
 local r = redis.call('HMGET', e, 'user', 'created', 'seen', 'uh')
 redis.call('ZREM', P .. 'z:emr', E)
-if not r[1] then return false end
 for _, m in ipairs(redis.call('LRANGE', P .. 'em:' .. E, 0, -1)) do redis.call('DEL', P .. 'm:' .. m) end
 for _, t in ipairs(redis.call('LRANGE', P .. 'et:' .. E, 0, -1)) do
   redis.call('DEL', P .. 't:' .. t)
   redis.call('ZREM', P .. 'z:tk', t)
 end
 redis.call('DEL', e, P .. 'em:' .. E, P .. 'et:' .. E)
-redis.call('SREM', P .. 'u:' .. r[4], E)
-return {r[1], r[2], r[3], end_ehr(P, E)}
+if r[4] then redis.call('SREM', P .. 'u:' .. r[4], E) end
+-- Its EHR session ends with it, even when the EMR record already expired.
+local h = end_ehr(P, E)
+if not r[1] and not h then return false end
+return {r[1], r[2], r[3], h}
 "#;
 
 const REMOVE_EHR: &str = r#"
@@ -720,14 +723,22 @@ impl RedisStore {
             s.close();
             return s;
         }
-        match self.live.entry(r.emr) {
+        let (emr, gen) = (r.emr, r.gen);
+        let s = match self.live.entry(emr) {
             Entry::Occupied(mut e) if e.get().gen == r.gen && !e.get().is_closed() => {
                 let s = e.get_mut().clone();
                 s.set_id(r.id);
                 s.touch(r.seen);
                 *s.jar.lock().expect("jar lock") = r.jar;
                 *s.patient.lock().expect("patient lock") = r.patient;
-                s
+                return s;
+            }
+            // A read from before a newer session of this EMR session replaced it: that
+            // record's session is over, and the newer handle stays.
+            Entry::Occupied(e) if e.get().created > r.created && !e.get().is_closed() => {
+                let s = fresh(r);
+                s.close();
+                return s;
             }
             Entry::Occupied(mut e) => {
                 let s = fresh(r);
@@ -740,6 +751,19 @@ impl RedisStore {
                 let s = fresh(r);
                 v.insert(s.clone());
                 s
+            }
+        };
+        self.close_if_ended(&emr, gen);
+        s
+    }
+
+    /// A sign-out message may have been handled between the look-up of `ended` and the
+    /// registration of a handle: checked again after it, so no handle stays open that
+    /// nobody will close.
+    fn close_if_ended(&self, emr: &TokenHash, gen: u64) {
+        if self.ended.get(emr).is_some_and(|e| e.0 == gen) {
+            if let Some((_, h)) = self.live.remove_if(emr, |_, h| h.gen == gen) {
+                h.close();
             }
         }
     }
@@ -999,14 +1023,18 @@ impl SessionStore for RedisStore {
         let Some(f) = array(&v) else {
             return Ok(None);
         };
-        let emr = self
-            .emr_from(*key, f)
-            .ok_or_else(|| malformed("EMR session"))?;
-        emr.end();
         let ehr = match f.get(3).and_then(array) {
             Some(h) => self.ehr_record(*key, h)?.map(|r| self.take_handle(r)),
             None => None,
         };
+        // The EMR record may have expired already while its EHR session had not: the
+        // EHR session still ends, under its own user.
+        let emr = match (self.emr_from(*key, f), &ehr) {
+            (Some(emr), _) => emr,
+            (None, Some(ehr)) => Arc::new(EmrSession::new(*key, ehr.user.clone(), ehr.created)),
+            (None, None) => return Ok(None),
+        };
+        emr.end();
         Ok(Some((emr, ehr)))
     }
 
@@ -1175,6 +1203,7 @@ impl SessionStore for RedisStore {
                 old.close();
             }
         }
+        self.close_if_ended(&session.emr, session.gen);
         Ok(match replaced {
             Some(old) => Linked::Replaced(old),
             None => Linked::New,
@@ -1207,22 +1236,23 @@ impl SessionStore for RedisStore {
         Ok(done)
     }
 
-    async fn save_ehr(&self, session: &Arc<EhrSession>) -> StoreResult<()> {
+    async fn save_ehr(&self, session: &Arc<EhrSession>) -> StoreResult<bool> {
         let e = session.emr.to_hex();
         let (jar, pat) = self.seal_jar_and_patient(&e, session)?;
         let gen = session.gen.to_string();
-        self.run(
-            &self.scripts.save_ehr,
-            &[
-                self.prefix.as_bytes(),
-                e.as_bytes(),
-                gen.as_bytes(),
-                &jar,
-                &pat,
-            ],
-        )
-        .await?;
-        Ok(())
+        let v = self
+            .run(
+                &self.scripts.save_ehr,
+                &[
+                    self.prefix.as_bytes(),
+                    e.as_bytes(),
+                    gen.as_bytes(),
+                    &jar,
+                    &pat,
+                ],
+            )
+            .await?;
+        Ok(int(&v) == Some(1))
     }
 
     async fn remove_ehr_of_emr(&self, emr: &TokenHash) -> StoreResult<Option<Arc<EhrSession>>> {
@@ -1461,8 +1491,8 @@ impl SessionStore for RedisStore {
 }
 
 impl RedisStore {
-    /// Whether the sweeper should re-check this replica's handles (a subscription was
-    /// lost, so sign-out messages may have been missed).
+    /// Whether a subscription was lost since the last re-check (sign-out messages may
+    /// have been missed).
     pub fn recheck_due(&self) -> bool {
         self.recheck_due.load(Ordering::Acquire)
     }
@@ -1501,6 +1531,97 @@ mod tests {
             UnboundKey::new(&AES_256_GCM, &[8u8; 32]).unwrap(),
         ));
         assert!(other.open("jar:aa", &sealed).is_err(), "another store_key");
+    }
+
+    /// A store that is never connected: the handle bookkeeping needs no server.
+    fn store() -> (RedisStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("store.key");
+        std::fs::write(&key, [3u8; 32]).unwrap();
+        let config = SessionConfig {
+            store: crate::config::StoreKind::Redis,
+            redis_url: crate::config::RedisUrl::new("redis://127.0.0.1:1/0"),
+            store_key: key,
+            ..SessionConfig::default()
+        };
+        let limits = StoreLimits {
+            emr_idle: 60_000,
+            ehr_idle: 60_000,
+            ehr_lifetime: 600_000,
+            ticket_ttl: 60_000,
+        };
+        let (_tx, rx) = watch::channel(false);
+        (
+            RedisStore::new(&config, limits, Vec::new(), rx).unwrap(),
+            dir,
+        )
+    }
+
+    fn record(emr: TokenHash, gen: u64, created: Millis) -> EhrRecord {
+        EhrRecord {
+            emr,
+            id: TokenHash::of(&format!("id{gen}")),
+            gen,
+            user: "u".into(),
+            authority: Arc::new(Authority {
+                id: "a".into(),
+                name: "A".into(),
+                default: true,
+            }),
+            created,
+            seen: created,
+            jar: CookieJar::default(),
+            patient: OpenedPatient::default(),
+        }
+    }
+
+    #[test]
+    fn a_sign_out_message_closes_the_handle_it_names_and_no_other() {
+        let (s, _dir) = store();
+        let emr = TokenHash::of("j");
+        let h = s.handle(record(emr, 1, 10));
+        assert!(!h.is_closed());
+        assert!(
+            Arc::ptr_eq(&h, &s.handle(record(emr, 1, 10))),
+            "one handle per session"
+        );
+        s.on_signout(format!("{}:2", emr.to_hex()).as_bytes());
+        assert!(!h.is_closed(), "another generation's sign-out");
+        s.on_signout(format!("{}:1", emr.to_hex()).as_bytes());
+        assert!(h.is_closed());
+        assert_eq!(s.live_handles(), 0);
+        s.on_signout(b"garbage");
+    }
+
+    #[test]
+    fn a_read_from_before_a_sign_out_never_registers_an_open_handle() {
+        let (s, _dir) = store();
+        let emr = TokenHash::of("j");
+        // The message arrived before the request that read the record registers it.
+        s.on_signout(format!("{}:5", emr.to_hex()).as_bytes());
+        let h = s.handle(record(emr, 5, 10));
+        assert!(h.is_closed());
+        assert_eq!(s.live_handles(), 0);
+        // The message handled between the check and the registration: closed after it.
+        let h = s.handle(record(emr, 6, 20));
+        s.ended.insert(emr, (6, 0));
+        s.close_if_ended(&emr, 6);
+        assert!(h.is_closed());
+        assert_eq!(s.live_handles(), 0);
+    }
+
+    #[test]
+    fn a_stale_read_does_not_close_the_newer_session() {
+        let (s, _dir) = store();
+        let emr = TokenHash::of("j");
+        let newer = s.handle(record(emr, 2, 200));
+        let stale = s.handle(record(emr, 1, 100));
+        assert!(stale.is_closed());
+        assert!(!newer.is_closed());
+        // A newer session replaces an older handle, which ends.
+        let newest = s.handle(record(emr, 3, 300));
+        assert!(newer.is_closed());
+        assert!(!newest.is_closed());
     }
 
     #[test]
