@@ -478,3 +478,99 @@ async fn an_emr_record_that_expired_first_still_ends_its_ehr_session_at_logout()
     );
     assert_eq!(r.via(&browser, 0).viewer_get(&chart).await.status, 401);
 }
+
+#[tokio::test]
+async fn a_sign_out_published_while_a_replica_was_unsubscribed_still_closes_its_tabs() {
+    let r = Replicas::start(2).await;
+    let browser = r.browser(DOCTOR);
+    enter_spread(&r, &browser, 0, 0, 0).await;
+    let on1 = r.via(&browser, 1);
+    let mut events = H1::handshake(on1.client.tls(EHR, &[b"http/1.1"]).await).await;
+    let req = on1
+        .request(EHR, "GET", "/.ehrgate/events")
+        .body(Body::empty())
+        .unwrap();
+    let mut stream = events.send(req).await.into_body();
+    let first = stream.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains(": connected"));
+
+    // Every subscription is cut (a network blip, a failover); the sign-out on replica 0
+    // is published before replica 1 has subscribed again, so its message is lost there.
+    let mut conn = r.redis.conn();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(killed, 2, "one subscription per replica");
+    let logout = r.via(&browser, 0).emr_get("/oscar/logout.jsp").await;
+    assert_eq!(logout.status, 302);
+
+    // Replica 1 re-checks what it holds once it is subscribed again: well before its
+    // next regular sweep (15 s here).
+    let next = tokio::time::timeout(Duration::from_secs(10), stream.frame())
+        .await
+        .expect("logout event in time");
+    let data = next.unwrap().unwrap().into_data().unwrap();
+    assert!(
+        String::from_utf8_lossy(&data).starts_with("event: logout"),
+        "{data:?}"
+    );
+}
+
+/// Launches and sign-outs of many clinicians at once, each on a different replica: the
+/// store stays consistent (no marker, id, user-index entry or EHR session left pointing
+/// at an EMR session that is gone).
+#[tokio::test]
+async fn concurrent_launches_and_sign_outs_on_different_replicas_leave_the_store_consistent() {
+    let r = Replicas::start(3).await;
+    let browsers: Vec<Browser> = (0..12).map(|_| r.browser(DOCTOR)).collect();
+    let rounds = browsers.iter().enumerate().map(|(i, b)| {
+        let r = &r;
+        async move {
+            let chart = enter_spread(r, b, i % 3, (i + 1) % 3, (i + 2) % 3).await;
+            // A new launch on one replica races the logout on another.
+            let (x, y) = (r.via(b, (i + 1) % 3), r.via(b, (i + 2) % 3));
+            let (launch, logout) =
+                tokio::join!(x.launch("1001", None), y.emr_get("/oscar/logout.jsp"));
+            assert_eq!(logout.status, 302);
+            assert!(
+                matches!(launch.status.as_u16(), 303 | 401),
+                "{}",
+                launch.status
+            );
+            assert_eq!(r.via(b, i % 3).viewer_get(&chart).await.status, 401);
+        }
+    });
+    futures_util::future::join_all(rounds).await;
+
+    let dump = r.redis.dump();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let exists = |key: &str| dump.iter().any(|(k, _)| text(k) == key);
+    for (k, values) in &dump {
+        let k = text(k);
+        if k.starts_with("test:m:") {
+            let e = text(&values[0]);
+            assert!(
+                exists(&format!("test:e:{e}")),
+                "marker {k} → gone EMR session"
+            );
+        } else if k.starts_with("test:x:") {
+            let e = text(&values[0]);
+            assert!(exists(&format!("test:h:{e}")), "id {k} → gone EHR session");
+        } else if let Some(e) = k.strip_prefix("test:h:") {
+            assert!(
+                exists(&format!("test:e:{e}")),
+                "EHR session {k} of a gone EMR session"
+            );
+        } else if k.starts_with("test:u:") {
+            for e in values {
+                assert!(
+                    exists(&format!("test:e:{}", text(e))),
+                    "user index {k} → gone"
+                );
+            }
+        }
+    }
+}

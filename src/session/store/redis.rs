@@ -103,7 +103,10 @@ local P, E, ttl = ARGV[1], ARGV[2], ARGV[5]
 local e = P .. 'e:' .. E
 local r = redis.call('HMGET', e, 'seen', 'uh')
 if not r[1] then return 0 end
-if tonumber(ARGV[3]) - tonumber(r[1]) >= tonumber(ARGV[4]) then return 2 end
+local since = tonumber(ARGV[3]) - tonumber(r[1])
+if since >= tonumber(ARGV[4]) then return 2 end
+-- Written at most once per interval per session, whichever replica sees it.
+if since < tonumber(ARGV[6]) then return 1 end
 redis.call('HSET', e, 'seen', ARGV[3])
 redis.call('PEXPIRE', e, ttl)
 redis.call('PEXPIRE', P .. 'u:' .. r[2], ttl)
@@ -981,10 +984,11 @@ impl SessionStore for RedisStore {
             return Ok(EmrSeen::Live);
         }
         let e = key.to_hex();
-        let (now_s, idle_s, ttl) = (
+        let (now_s, idle_s, ttl, interval) = (
             now.to_string(),
             idle.to_string(),
             self.emr_ttl().to_string(),
+            self.limits.touch_interval().to_string(),
         );
         let v = self
             .run(
@@ -995,6 +999,7 @@ impl SessionStore for RedisStore {
                     now_s.as_bytes(),
                     idle_s.as_bytes(),
                     ttl.as_bytes(),
+                    interval.as_bytes(),
                 ],
             )
             .await?;
