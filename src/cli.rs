@@ -66,13 +66,13 @@ pub fn main(cli: Cli) -> ExitCode {
     let log_format = cli.log_format.map(LogFormat::from);
     match cli.command {
         Command::CheckConfig { config } => check_config(&config),
-        Command::Run { config } => {
-            let config = match load(&config) {
+        Command::Run { config: path } => {
+            let config = match load(&path) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            telemetry::init(log_format.unwrap_or(config.log.format), &config.log.filter);
-            runtime().block_on(run(config))
+            let log = telemetry::init(log_format.unwrap_or(config.log.format), &config.log.filter);
+            runtime().block_on(run(config, path, log))
         }
         Command::Demo { listen } => {
             telemetry::init(log_format.unwrap_or_default(), "info");
@@ -111,11 +111,16 @@ fn check_config(path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Serves until SIGTERM or SIGINT, then shuts down gracefully.
-pub async fn run(config: Config) -> ExitCode {
+/// Serves until SIGTERM or SIGINT, then shuts down gracefully; SIGHUP reloads `path`.
+pub async fn run(config: Config, path: PathBuf, log: Option<telemetry::FilterHandle>) -> ExitCode {
     // Installed before the "serving" line, so a signal sent after it is never missed.
     let stop = Signals::install();
-    let running = match app::start(config).await {
+    let mut hangup = Hangup::install();
+    let prepared = match app::Prepared::new(config) {
+        Ok(p) => p.reloadable(path, log),
+        Err(e) => return start_failed(e.into()),
+    };
+    let running = match app::start_prepared(prepared).await {
         Ok(r) => r,
         Err(e) => return start_failed(e),
     };
@@ -123,7 +128,22 @@ pub async fn run(config: Config) -> ExitCode {
         "ehrgate: serving https on {} (admin http on {})",
         running.proxy_addr, running.admin_addr
     );
-    stop.wait().await;
+    app::notify_systemd(&[sd_notify::NotifyState::Ready]);
+    let stopped = stop.wait();
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                app::notify_reloading();
+                // The outcome is logged, counted and shown by /readyz.
+                let _ = running.reload().await;
+                app::notify_systemd(&[sd_notify::NotifyState::Ready]);
+            }
+        }
+    }
+    app::notify_systemd(&[sd_notify::NotifyState::Stopping]);
     running.shutdown();
     running.wait().await;
     ExitCode::SUCCESS
@@ -134,6 +154,36 @@ pub fn start_failed(e: StartError) -> ExitCode {
     match e {
         StartError::Config(_) => ExitCode::from(2),
         StartError::Bind { .. } => ExitCode::from(1),
+    }
+}
+
+/// SIGHUP, listened for from the moment of `install` (without it, SIGHUP would end the
+/// process).
+pub struct Hangup {
+    #[cfg(unix)]
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangup {
+    pub fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Self {
+                hup: signal(SignalKind::hangup()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(s) = &mut self.hup {
+            s.recv().await;
+            return;
+        }
+        std::future::pending::<()>().await
     }
 }
 

@@ -8,7 +8,8 @@
 //!
 //! Layers, each depending only on those below it:
 //! - top: [`cli`] (`run`, `check-config`, `demo`), [`demo`], [`admin`] (health,
-//!   readiness, metrics, admin actions), and [`app`], which composes them.
+//!   readiness, metrics, admin actions), [`reload`] (SIGHUP and watched files), and
+//!   [`app`], which composes them.
 //! - the application, [`gateway`]: the clinic's policy and the flows of DESIGN §6.
 //! - the engine, [`proxy`] (upstreams, header rules, canonical paths, tunnels), and the
 //!   listener, [`server`] (binding, TLS accept, connection limits, drain).
@@ -30,6 +31,7 @@ pub mod gateway;
 pub mod metrics;
 pub mod problem;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod shutdown;

@@ -82,6 +82,8 @@ pub struct Metrics {
     tls_handshake_failures: AtomicU64,
     open_tunnels: AtomicI64,
     store_errors: AtomicU64,
+    reloads_ok: AtomicU64,
+    reloads_failed: AtomicU64,
 }
 
 /// Kinds of upstream failure counted separately.
@@ -111,6 +113,8 @@ impl Metrics {
             tls_handshake_failures: AtomicU64::new(0),
             open_tunnels: AtomicI64::new(0),
             store_errors: AtomicU64::new(0),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
         }
     }
 
@@ -161,6 +165,16 @@ impl Metrics {
         self.store_errors.fetch_add(1, Relaxed);
     }
 
+    /// A configuration reload, applied or refused.
+    pub fn reload(&self, ok: bool) {
+        if ok {
+            &self.reloads_ok
+        } else {
+            &self.reloads_failed
+        }
+        .fetch_add(1, Relaxed);
+    }
+
     pub fn store_errors(&self) -> u64 {
         self.store_errors.load(Relaxed)
     }
@@ -177,6 +191,21 @@ impl Metrics {
     }
 
     fn write_to(&self, out: &mut String) -> std::fmt::Result {
+        writeln!(
+            out,
+            "# HELP ehrgate_config_reload_total Configuration reloads, by result (an error leaves the running configuration in force)."
+        )?;
+        writeln!(out, "# TYPE ehrgate_config_reload_total counter")?;
+        writeln!(
+            out,
+            "ehrgate_config_reload_total{{result=\"ok\"}} {}",
+            self.reloads_ok.load(Relaxed)
+        )?;
+        writeln!(
+            out,
+            "ehrgate_config_reload_total{{result=\"error\"}} {}",
+            self.reloads_failed.load(Relaxed)
+        )?;
         writeln!(
             out,
             "# HELP ehrgate_store_errors_total Session-store operations that failed (shared store unreachable)."

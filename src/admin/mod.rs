@@ -21,7 +21,7 @@ pub mod auth;
 
 use crate::audit::{Event, Record};
 use crate::body::Body;
-use crate::gateway::Gateway;
+use crate::gateway::Current;
 use crate::metrics::Metrics;
 use crate::problem::Problem;
 use crate::server::Health;
@@ -31,8 +31,11 @@ use crate::session::SessionStore;
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    pub gateway: Arc<Gateway>,
-    pub auth: Arc<auth::AdminAuth>,
+    /// The gateway in force (replaced on reload).
+    pub gateway: Arc<Current>,
+    /// The admin tokens in force (replaced on reload).
+    pub auth: Arc<arc_swap::ArcSwap<auth::AdminAuth>>,
+    pub reload: Arc<crate::reload::ReloadStatus>,
 }
 
 pub async fn serve(listener: TcpListener, state: AdminState, mut shutdown: watch::Receiver<bool>) {
@@ -79,7 +82,7 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/readyz") => {
             if !state.health.is_ready() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-            } else if let Some(why) = state.gateway.store.unhealthy() {
+            } else if let Some(why) = state.gateway.get().store.unhealthy() {
                 // A load balancer sends clinicians to a replica that can serve them.
                 let mut resp = Response::new(Body::full(format!(
                     "not ready: the session store is unavailable ({why})\n"
@@ -91,12 +94,20 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
                 );
                 resp
             } else {
-                text(StatusCode::OK, "ready\n")
+                // Still ready after a refused reload (the old configuration serves),
+                // but the body says so.
+                let mut resp =
+                    Response::new(Body::full(format!("ready\n{}", state.reload.describe())));
+                resp.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                resp
             }
         }
         (&Method::GET, "/metrics") => {
             let mut text = state.metrics.render();
-            match state.gateway.store.counts().await {
+            match state.gateway.get().store.counts().await {
                 Ok(c) => {
                     text.push_str(
                         "# HELP ehrgate_sessions Sessions and launch tickets held now.\n",
@@ -106,11 +117,11 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
                         text.push_str(&format!("ehrgate_sessions{{kind=\"{kind}\"}} {n}\n"));
                     }
                 }
-                Err(e) => state.gateway.store_failed(&e),
+                Err(e) => state.gateway.get().store_failed(&e),
             }
             text.push_str(&format!(
                 "# HELP ehrgate_store_up Whether the session store answers (1) or not (0).\n# TYPE ehrgate_store_up gauge\nehrgate_store_up {}\n",
-                u8::from(state.gateway.store.unhealthy().is_none())
+                u8::from(state.gateway.get().store.unhealthy().is_none())
             ));
             let mut resp = Response::new(Body::full(Bytes::from(text)));
             resp.headers_mut().insert(
@@ -147,7 +158,7 @@ async fn admin_logout(state: &AdminState, req: &Request<Incoming>) -> Response<B
         )
         .into_response("admin", json);
     }
-    let who = match state.auth.who(
+    let who = match state.auth.load().who(
         h.get(http::header::AUTHORIZATION)
             .map(HeaderValue::as_bytes),
     ) {
@@ -178,13 +189,13 @@ async fn admin_logout(state: &AdminState, req: &Request<Incoming>) -> Response<B
                     "admin: no token file on a non-loopback listener",
                 ),
             };
-            state
-                .gateway
-                .audit_best_effort(&Record::new(Event::Deny, "refused").detail(format!(
+            state.gateway.get().audit_best_effort(
+                &Record::new(Event::Deny, "refused").detail(format!(
                     "{detail} ({} {})",
                     req.method(),
                     req.uri().path()
-                )));
+                )),
+            );
             return problem.into_response("admin", json);
         }
     };
@@ -200,16 +211,22 @@ async fn admin_logout(state: &AdminState, req: &Request<Incoming>) -> Response<B
         .into_response("admin", json);
     };
     // The record of who asked comes before the action.
-    if let Err(p) = state.gateway.audit_or_refuse(
+    if let Err(p) = state.gateway.get().audit_or_refuse(
         &Record::new(Event::Admin, "ok")
             .user(user.trim())
             .detail(format!("logout requested by {who}")),
     ) {
         return p.into_response("admin", json);
     }
-    let n = match state.gateway.sign_out_user(user.trim(), None).await {
+    let n = match state.gateway.get().sign_out_user(user.trim(), None).await {
         Ok(n) => n,
-        Err(e) => return state.gateway.store_problem(e).into_response("admin", json),
+        Err(e) => {
+            return state
+                .gateway
+                .get()
+                .store_problem(e)
+                .into_response("admin", json)
+        }
     };
     let body = serde_json::json!({"user": user.trim(), "signed_out": n});
     let mut resp = Response::new(Body::full(body.to_string()));

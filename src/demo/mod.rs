@@ -292,13 +292,16 @@ pub async fn start(options: DemoOptions) -> Result<Demo, DemoError> {
         Prepared::new(config(&options, &files, emr_addr, ehr_addr).map_err(StartError::from)?)
             .map_err(StartError::from)?;
     let viewer = Arc::new(viewer::Viewer::default());
-    viewer.set_jwks(serde_json::from_slice(&prepared.gateway.signer.jwks()).expect("JWKS is JSON"));
+    viewer.set_jwks(
+        serde_json::from_slice(&prepared.gateway.get().signer.jwks()).expect("JWKS is JSON"),
+    );
     let emr = Arc::new(emr::Emr::default());
     spawn_http(emr_listener, move |req| emr.clone().handle(req));
     // The regional viewer is only ever served over HTTPS; so is the demo's, with the
     // development certificate (it names localhost), verified against the development CA.
     let viewer_tls = crate::tls::server_config(&files.server_cert, &files.server_key)
-        .map_err(StartError::from)?;
+        .map_err(StartError::from)?
+        .config;
     spawn_https(ehr_listener, viewer_tls, move |req| {
         viewer.clone().handle(req)
     });

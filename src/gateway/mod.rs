@@ -63,10 +63,10 @@ pub use sweep::spawn_sweeper;
 
 /// With a shared store: listens for sign-outs published by every replica (closing this
 /// replica's event streams, tunnels and streaming responses of those sessions).
-pub fn spawn_store_listener(gateway: Arc<Gateway>) {
-    if gateway.store.is_shared() {
+pub fn spawn_store_listener(store: Arc<Sessions>) {
+    if store.is_shared() {
         tokio::spawn(async move {
-            if let Sessions::Redis(r) = &*gateway.store {
+            if let Sessions::Redis(r) = &*store {
                 r.listen().await;
             }
         });
@@ -80,6 +80,35 @@ impl Handler for Gateway {
         req: Request<hyper::body::Incoming>,
     ) -> impl std::future::Future<Output = Response<Body>> + Send + 'static {
         self.serve_request(conn, req)
+    }
+}
+
+/// The gateway in force, replaced whole on reload (DESIGN §10). Each request takes the
+/// one in force when it arrives (one atomic load) and finishes under it; sessions, the
+/// audit log and live connections are shared by every generation.
+pub struct Current(arc_swap::ArcSwap<Gateway>);
+
+impl Current {
+    pub fn new(gateway: Gateway) -> Self {
+        Self(arc_swap::ArcSwap::from_pointee(gateway))
+    }
+
+    pub fn get(&self) -> Arc<Gateway> {
+        self.0.load_full()
+    }
+
+    pub fn replace(&self, gateway: Gateway) {
+        self.0.store(Arc::new(gateway));
+    }
+}
+
+impl Handler for Current {
+    fn handle(
+        self: Arc<Self>,
+        conn: Arc<ConnInfo>,
+        req: Request<hyper::body::Incoming>,
+    ) -> impl std::future::Future<Output = Response<Body>> + Send + 'static {
+        self.get().serve_request(conn, req)
     }
 }
 
@@ -172,14 +201,14 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     pub store: Arc<Sessions>,
     /// Sign-outs a shared-store outage held back, retried until they land.
-    pub(crate) pending: pending::PendingSignOuts,
-    pub audit: AuditLog,
+    pub(crate) pending: Arc<pending::PendingSignOuts>,
+    pub audit: Arc<AuditLog>,
     pub signer: ContextSigner,
     pub(crate) limits: SessionLimits,
     /// The configured authorities, shared by every session that acts for them.
     authorities: Vec<Arc<crate::config::Authority>>,
     pub(crate) engine: Engine,
-    ids: RequestIds,
+    ids: Arc<RequestIds>,
     /// `Strict-Transport-Security` for every response (both hosts are HTTPS only).
     hsts: Option<HeaderValue>,
     /// Turns `true` when the server begins to shut down.
@@ -250,18 +279,44 @@ impl Gateway {
         };
         Ok(Self {
             store: Arc::new(store),
-            pending: pending::PendingSignOuts::default(),
-            audit: AuditLog::open(&config.audit),
+            pending: Arc::default(),
+            audit: Arc::new(AuditLog::open(&config.audit)),
             limits,
             authorities,
             signer,
             metrics,
             engine,
-            ids: RequestIds::new(),
+            ids: Arc::new(RequestIds::new()),
             hsts: (!config.server.hsts.is_empty())
                 .then(|| HeaderValue::from_str(&config.server.hsts).ok())
                 .flatten(),
             shutdown,
+            config,
+        })
+    }
+
+    /// This gateway under a new configuration (a reload): new policy, engine (upstream
+    /// pools), signer and limits; the same sessions, audit log, held-back sign-outs and
+    /// request ids. Requests already under way finish under the gateway they started in.
+    pub fn reloaded(&self, config: Arc<Config>) -> Result<Self, ConfigError> {
+        check_canonical_paths(&config)?;
+        let engine = Engine::new(&config, self.metrics.clone(), self.shutdown.clone())?;
+        let signer = ContextSigner::load(config.context.signing_key.paths())?;
+        let limits = SessionLimits::from(&*config);
+        Ok(Self {
+            store: self.store.clone(),
+            pending: self.pending.clone(),
+            audit: self.audit.clone(),
+            limits,
+            authorities: config.authorities.iter().cloned().map(Arc::new).collect(),
+            signer,
+            metrics: self.metrics.clone(),
+            engine,
+            ids: self.ids.clone(),
+            hsts: (!config.server.hsts.is_empty())
+                .then(|| HeaderValue::from_str(&config.server.hsts).ok())
+                .flatten(),
+            shutdown: self.shutdown.clone(),
             config,
         })
     }

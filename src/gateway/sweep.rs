@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tracing::debug;
 
-use crate::gateway::Gateway;
+use crate::gateway::{Current, Gateway};
 use crate::session::decide::{self, EndReason};
 use crate::session::{SessionStore, Sessions};
 
@@ -22,24 +22,28 @@ pub fn interval(gateway: &Gateway) -> Duration {
     Duration::from_millis(shortest / 4).clamp(Duration::from_millis(100), Duration::from_secs(30))
 }
 
-pub fn spawn_sweeper(gateway: Arc<Gateway>) {
-    let mut shutdown = gateway.shutdown.clone();
+/// Sweeps with the gateway in force at each pass (its limits follow a reload).
+pub fn spawn_sweeper(current: Arc<Current>) {
+    let first = current.get();
+    let mut shutdown = first.shutdown.clone();
+    let store = first.store.clone();
+    let mut tick = tokio::time::interval(interval(&first));
+    drop(first);
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval(&gateway));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = crate::shutdown::signalled(&mut shutdown) => return,
-                _ = tick.tick() => sweep(&gateway).await,
+                _ = tick.tick() => sweep(&current.get()).await,
                 // Sign-outs held back by an outage land the moment the store is back.
-                _ = reachable_again(&gateway) => sweep(&gateway).await,
+                _ = reachable_again(&store) => sweep(&current.get()).await,
             }
         }
     });
 }
 
-async fn reachable_again(gateway: &Gateway) {
-    match &*gateway.store {
+async fn reachable_again(store: &Sessions) {
+    match store {
         Sessions::Redis(r) => r.reachable_again().await,
         Sessions::Memory(_) => std::future::pending().await,
     }

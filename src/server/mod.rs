@@ -22,7 +22,9 @@ use tracing::{info, warn};
 use crate::body::Body;
 use crate::config::{ConfigError, ServerConfig};
 use crate::metrics::Metrics;
-use conn::{ConnGuards, ConnLimits};
+use arc_swap::ArcSwap;
+use conn::ConnGuards;
+pub use conn::ConnLimits;
 
 /// What the server knows about the connection a request came on.
 #[derive(Debug, Clone)]
@@ -98,16 +100,18 @@ pub fn bind(server: &ServerConfig) -> Result<Listening, StartError> {
 
 /// Serves `listening` until `shutdown` turns `true`, then drains (at most
 /// `shutdown_grace`); resolves when every worker has drained.
+/// `limits` may be replaced while serving (a reload): each new connection takes the
+/// limits in force when it is accepted.
 pub async fn serve<H: Handler>(
     listening: Listening,
     server: &ServerConfig,
     tls: Arc<rustls::ServerConfig>,
+    limits: Arc<ArcSwap<ConnLimits>>,
     handler: Arc<H>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let limits = Arc::new(ConnLimits::from(server));
     // One budget of connections for the whole server, whichever worker takes them.
     let slots = Arc::new(Semaphore::new(server.max_connections));
     let workers = listening.listeners.len();
@@ -206,7 +210,7 @@ struct AcceptLoop<H> {
     acceptor: TlsAcceptor,
     handler: Arc<H>,
     metrics: Arc<Metrics>,
-    limits: Arc<ConnLimits>,
+    limits: Arc<ArcSwap<ConnLimits>>,
     slots: Arc<Semaphore>,
     grace: Duration,
     shutdown: watch::Receiver<bool>,
@@ -242,7 +246,7 @@ impl<H: Handler> AcceptLoop<H> {
                 self.acceptor.clone(),
                 self.handler.clone(),
                 self.metrics.clone(),
-                self.limits.clone(),
+                self.limits.load_full(),
                 self.shutdown.clone(),
                 ConnGuards {
                     _permit: permit,

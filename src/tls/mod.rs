@@ -11,10 +11,12 @@ pub mod dev;
 use std::path::Path;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::ServerSessionMemoryCache;
+use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::config::ConfigError;
@@ -73,28 +75,67 @@ pub fn read_private_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>
 }
 
 /// Builds the server's TLS configuration from the configured chain and key.
-pub fn server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, ConfigError> {
-    let chain = read_cert_chain("server.tls_cert", cert_path)?;
-    let key = read_private_key("server.tls_key", key_path)?;
+pub fn server_config(cert_path: &Path, key_path: &Path) -> Result<ServerTls, ConfigError> {
+    let cert = Arc::new(CertSwap(ArcSwap::from_pointee(certified_key(
+        cert_path, key_path,
+    )?)));
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|e| ConfigError::new("server", format!("TLS set-up failed: {e}")))?
         .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| {
-            let why = match e {
-                rustls::Error::InconsistentKeys(_) => {
-                    "does not belong to the certificate in server.tls_cert".to_string()
-                }
-                other => format!("cannot be used with server.tls_cert: {other}"),
-            };
-            ConfigError::new("server.tls_key", format!("{} {why}", key_path.display()))
-        })?;
+        .with_cert_resolver(cert.clone());
     config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
     config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
         .map_err(|e| ConfigError::new("server", format!("TLS ticketer: {e}")))?;
-    Ok(Arc::new(config))
+    Ok(ServerTls {
+        config: Arc::new(config),
+        cert,
+    })
+}
+
+/// The server's TLS configuration, and the handle that swaps its certificate.
+#[derive(Debug)]
+pub struct ServerTls {
+    pub config: Arc<ServerConfig>,
+    pub cert: Arc<CertSwap>,
+}
+
+/// The certificate browsers are shown, swapped on reload: new handshakes get the new
+/// one, established connections keep theirs (as HAProxy's runtime certificate update).
+#[derive(Debug)]
+pub struct CertSwap(ArcSwap<CertifiedKey>);
+
+impl CertSwap {
+    pub fn replace(&self, key: CertifiedKey) {
+        self.0.store(Arc::new(key));
+    }
+
+    /// The certificate chain in use now (leaf first).
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        self.0.load().cert.clone()
+    }
+}
+
+impl ResolvesServerCert for CertSwap {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+/// Reads `tls_cert` and `tls_key` and checks that they belong together.
+pub fn certified_key(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, ConfigError> {
+    let chain = read_cert_chain("server.tls_cert", cert_path)?;
+    let key = read_private_key("server.tls_key", key_path)?;
+    CertifiedKey::from_der(chain, key, &provider()).map_err(|e| {
+        let why = match e {
+            rustls::Error::InconsistentKeys(_) => {
+                "does not belong to the certificate in server.tls_cert".to_string()
+            }
+            other => format!("cannot be used with server.tls_cert: {other}"),
+        };
+        ConfigError::new("server.tls_key", format!("{} {why}", key_path.display()))
+    })
 }
 
 /// Builds the client TLS configuration for an `https://` upstream: verified against
@@ -171,7 +212,7 @@ mod tests {
         let (cert, key) = (dir.path().join("s.crt"), dir.path().join("s.key"));
         std::fs::write(&cert, &pki.server_cert_pem).unwrap();
         std::fs::write(&key, &pki.server_key_pem).unwrap();
-        let c = server_config(&cert, &key).unwrap();
+        let c = server_config(&cert, &key).unwrap().config;
         assert_eq!(c.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
         assert!(c.ticketer.enabled());
     }

@@ -11,4 +11,5 @@ mod flows;
 mod hardening;
 mod lifecycle;
 mod proxy;
+mod reload;
 mod replicas;

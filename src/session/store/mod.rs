@@ -257,6 +257,13 @@ impl Sessions {
         }
     }
 
+    /// New limits after a reload (the memory store reads them from the gateway).
+    pub fn set_limits(&self, limits: StoreLimits) {
+        if let Sessions::Redis(r) = self {
+            r.set_limits(limits);
+        }
+    }
+
     /// Store errors seen so far (a metric).
     pub fn errors(&self) -> u64 {
         match self {

@@ -413,7 +413,8 @@ pub struct RedisStore {
     sealer: Sealer,
     /// Keys the user index by an HMAC of the provider number.
     user_key: hmac::Key,
-    limits: StoreLimits,
+    /// Replaced on reload.
+    limits: arc_swap::ArcSwap<StoreLimits>,
     max_sessions: usize,
     /// The configured authorities, shared by the sessions that act for them.
     authorities: Vec<Arc<Authority>>,
@@ -540,7 +541,7 @@ impl RedisStore {
             prefix,
             sealer: Sealer(LessSafeKey::new(aead)),
             user_key: hmac::Key::new(hmac::HMAC_SHA256, &key),
-            limits,
+            limits: arc_swap::ArcSwap::from_pointee(limits),
             max_sessions: config.max_sessions,
             authorities,
             scripts: Scripts::new(),
@@ -554,6 +555,15 @@ impl RedisStore {
             back: tokio::sync::Notify::new(),
             shutdown,
         })
+    }
+
+    fn limits(&self) -> StoreLimits {
+        **self.limits.load()
+    }
+
+    /// New limits (a reload): TTLs and write intervals follow them from now on.
+    pub fn set_limits(&self, limits: StoreLimits) {
+        self.limits.store(Arc::new(limits));
     }
 
     /// Why the store is unusable now, if it is (for `/readyz`).
@@ -646,7 +656,7 @@ impl RedisStore {
     }
 
     fn emr_ttl(&self) -> Millis {
-        self.limits.emr_idle + SLACK
+        self.limits().emr_idle + SLACK
     }
 
     /// `[user, created, seen]` → an EMR session.
@@ -979,7 +989,7 @@ impl SessionStore for RedisStore {
         if self
             .emr_touched
             .get(key)
-            .is_some_and(|t| now.saturating_sub(*t) < self.limits.touch_interval())
+            .is_some_and(|t| now.saturating_sub(*t) < self.limits().touch_interval())
         {
             return Ok(EmrSeen::Live);
         }
@@ -988,7 +998,7 @@ impl SessionStore for RedisStore {
             now.to_string(),
             idle.to_string(),
             self.emr_ttl().to_string(),
-            self.limits.touch_interval().to_string(),
+            self.limits().touch_interval().to_string(),
         );
         let v = self
             .run(
@@ -1104,7 +1114,7 @@ impl SessionStore for RedisStore {
         touch: Option<Millis>,
     ) -> StoreResult<Option<ViewerSession>> {
         let x = id.to_hex();
-        let l = self.limits;
+        let l = self.limits();
         let now = touch.unwrap_or_default().to_string();
         let (interval, idle, life, slack) = (
             l.touch_interval().to_string(),
@@ -1164,7 +1174,7 @@ impl SessionStore for RedisStore {
     async fn insert_ehr(&self, session: Arc<EhrSession>) -> StoreResult<Linked> {
         let e = session.emr.to_hex();
         let (jar, pat) = self.seal_jar_and_patient(&e, &session)?;
-        let l = self.limits;
+        let l = self.limits();
         let left = l.ehr_idle.min(l.ehr_lifetime) + SLACK;
         let deadline = session.created + l.ehr_idle.min(l.ehr_lifetime);
         let (id, gen, created) = (
@@ -1221,7 +1231,7 @@ impl SessionStore for RedisStore {
             session.gen.to_string(),
             new_id.to_hex(),
         );
-        let fallback = (self.limits.ehr_idle + SLACK).to_string();
+        let fallback = (self.limits().ehr_idle + SLACK).to_string();
         let v = self
             .run(
                 &self.scripts.rekey_ehr,
@@ -1297,7 +1307,7 @@ impl SessionStore for RedisStore {
         };
         let plain = serde_json::to_vec(&sealed).map_err(|_| malformed("ticket"))?;
         let ctx = self.sealer.seal(&format!("tk:{t}"), &plain)?;
-        let ttl = self.limits.ticket_ttl + SLACK;
+        let ttl = self.limits().ticket_ttl + SLACK;
         let (exp, ttl, max, most) = (
             ticket.expires.to_string(),
             ttl.to_string(),
@@ -1418,7 +1428,7 @@ impl SessionStore for RedisStore {
             })?;
         self.went_well();
         // Local bookkeeping ages out here too.
-        let interval = self.limits.touch_interval();
+        let interval = self.limits().touch_interval();
         self.emr_touched
             .retain(|_, t| now.saturating_sub(*t) < interval);
         self.ended

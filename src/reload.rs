@@ -1,0 +1,332 @@
+//! Reload without a restart (DESIGN §10): on SIGHUP, and when a watched certificate, key,
+//! CA bundle, signing key or admin token file changes on disk.
+//!
+//! The new configuration is checked exactly as `check-config` does, and everything it
+//! needs is built before anything is swapped; then, at once, new handshakes get the new
+//! certificate, new connections the new limits, new requests the new gateway (routes,
+//! authorities, timeouts, signing keys, upstream pools), admin actions the new tokens,
+//! and the log its new filter. Established connections, event streams, WebSockets and
+//! every session go on untouched (sessions live in the store, which a reload keeps).
+//! A configuration that fails its check changes nothing: the error is logged with the
+//! key at fault, counted, and shown by `/readyz` (still 200: the old one serves). Keys
+//! that only a restart can apply are reported as such.
+//!
+//! Files are watched by directory, so a certificate renewed by writing a new file and
+//! renaming it, or a Kubernetes secret swapped by symlink, is seen; events are debounced
+//! and a reload happens only when a watched file's content changed.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::admin::auth::AdminAuth;
+use crate::config::{Config, ConfigError};
+use crate::gateway::Current;
+use crate::metrics::Metrics;
+use crate::server::ConnLimits;
+use crate::telemetry::FilterHandle;
+use crate::tls::CertSwap;
+
+/// Events closer together than this are one change (an editor's or a secret
+/// manager's several writes).
+const DEBOUNCE: Duration = Duration::from_millis(300);
+
+/// What `/readyz` says of reloads.
+#[derive(Debug, Default)]
+pub struct ReloadStatus(Mutex<StatusText>);
+
+#[derive(Debug, Default, Clone)]
+struct StatusText {
+    /// The last reload's error, while the running configuration is an older one.
+    failed: Option<String>,
+    /// Keys changed in the file that only a restart applies.
+    restart: Vec<&'static str>,
+}
+
+impl ReloadStatus {
+    /// Lines for `/readyz`'s body; empty when there is nothing to say.
+    pub fn describe(&self) -> String {
+        let s = self.0.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut out = String::new();
+        if let Some(e) = &s.failed {
+            out.push_str(&format!(
+                "last reload refused, the previous configuration serves: {e}\n"
+            ));
+        }
+        if !s.restart.is_empty() {
+            out.push_str(&format!(
+                "changed keys that need a restart to take effect: {}\n",
+                s.restart.join(", ")
+            ));
+        }
+        out
+    }
+}
+
+/// Everything a reload swaps.
+pub struct Reloader {
+    path: Option<PathBuf>,
+    current: Arc<Current>,
+    cert: Arc<CertSwap>,
+    limits: Arc<ArcSwap<ConnLimits>>,
+    admin: Arc<ArcSwap<AdminAuth>>,
+    log: Option<FilterHandle>,
+    metrics: Arc<Metrics>,
+    pub status: Arc<ReloadStatus>,
+    /// One reload at a time (SIGHUP and a file change together).
+    busy: tokio::sync::Mutex<()>,
+}
+
+/// Keys read once at start: a changed value is reported, not applied.
+fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (o, n) = (old, new);
+    let mut keys = Vec::new();
+    let mut differs = |key: &'static str, changed: bool| {
+        if changed {
+            keys.push(key);
+        }
+    };
+    differs("server.listen", o.server.listen != n.server.listen);
+    differs(
+        "server.admin_listen",
+        o.server.admin_listen != n.server.admin_listen,
+    );
+    differs("server.workers", o.server.workers != n.server.workers);
+    differs(
+        "server.max_connections",
+        o.server.max_connections != n.server.max_connections,
+    );
+    differs(
+        "server.shutdown_grace",
+        o.server.shutdown_grace != n.server.shutdown_grace,
+    );
+    differs("session.store", o.session.store != n.session.store);
+    differs(
+        "session.redis_url",
+        o.session.redis_url != n.session.redis_url,
+    );
+    differs("session.redis_ca", o.session.redis_ca != n.session.redis_ca);
+    differs(
+        "session.redis_key_prefix",
+        o.session.redis_key_prefix != n.session.redis_key_prefix,
+    );
+    differs(
+        "session.store_key",
+        o.session.store_key != n.session.store_key,
+    );
+    differs(
+        "session.max_sessions",
+        o.session.max_sessions != n.session.max_sessions,
+    );
+    differs("audit.path", o.audit.path != n.audit.path);
+    differs("audit.hash_key", o.audit.hash_key != n.audit.hash_key);
+    differs("log.format", o.log.format != n.log.format);
+    keys
+}
+
+impl Reloader {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        path: Option<PathBuf>,
+        current: Arc<Current>,
+        cert: Arc<CertSwap>,
+        limits: Arc<ArcSwap<ConnLimits>>,
+        admin: Arc<ArcSwap<AdminAuth>>,
+        log: Option<FilterHandle>,
+        metrics: Arc<Metrics>,
+        status: Arc<ReloadStatus>,
+    ) -> Self {
+        Self {
+            path,
+            current,
+            cert,
+            limits,
+            admin,
+            log,
+            metrics,
+            status,
+            busy: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Reads the configuration file again and applies it (SIGHUP, a watched file).
+    pub async fn reload(&self) -> Result<Vec<&'static str>, ConfigError> {
+        let Some(path) = &self.path else {
+            return Err(ConfigError::new(
+                "",
+                "this ehrgate was not started from a configuration file",
+            ));
+        };
+        let loaded = Config::load(path);
+        match loaded {
+            Ok(config) => self.apply(config).await,
+            Err(e) => {
+                self.refused(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Checks `config` as `check-config` does and, if it passes, puts it in force.
+    pub async fn apply(&self, config: Config) -> Result<Vec<&'static str>, ConfigError> {
+        let _one = self.busy.lock().await;
+        let old = self.current.get();
+        // Everything is built before anything is swapped: a failure changes nothing.
+        let built = (|| {
+            let config = Arc::new(config);
+            let cert = crate::tls::certified_key(&config.server.tls_cert, &config.server.tls_key)?;
+            let gateway = old.reloaded(config.clone())?;
+            // The admin listener stays where it is: its address needs a restart.
+            let admin = AdminAuth::load(&config.admin.token_file, old.config.server.admin_listen)?;
+            Ok::<_, ConfigError>((config, cert, gateway, admin))
+        })();
+        let (config, cert, gateway, admin) = match built {
+            Ok(b) => b,
+            Err(e) => {
+                self.refused(&e);
+                return Err(e);
+            }
+        };
+        let restart = restart_only(&old.config, &config);
+        gateway.store.set_limits(gateway.limits.store());
+        self.cert.replace(cert);
+        self.limits
+            .store(Arc::new(ConnLimits::from(&config.server)));
+        self.admin.store(Arc::new(admin));
+        if let Some(log) = &self.log {
+            if let Err(e) = crate::telemetry::set_filter(log, &config.log.filter) {
+                warn!(error = %e, "log filter not changed");
+            }
+        }
+        self.current.replace(gateway);
+        self.metrics.reload(true);
+        if let Ok(mut s) = self.status.0.lock() {
+            s.failed = None;
+            s.restart = restart.clone();
+        }
+        if restart.is_empty() {
+            info!("configuration reloaded");
+        } else {
+            warn!(
+                restart = %restart.join(", "),
+                "configuration reloaded; these changed keys need a restart to take effect"
+            );
+        }
+        Ok(restart)
+    }
+
+    fn refused(&self, e: &ConfigError) {
+        self.metrics.reload(false);
+        warn!(key = %e.key, error = %e.message, "configuration reload refused; the running configuration stays");
+        if let Ok(mut s) = self.status.0.lock() {
+            s.failed = Some(e.to_string());
+        }
+    }
+
+    /// The files whose change triggers a reload, under the configuration in force.
+    fn watched_files(&self) -> Vec<PathBuf> {
+        let c = self.current.get().config.clone();
+        let mut files = vec![c.server.tls_cert.clone(), c.server.tls_key.clone()];
+        for ca in [&c.emr.upstream_ca, &c.ehr.upstream_ca] {
+            if !ca.is_empty() {
+                files.push(PathBuf::from(ca));
+            }
+        }
+        files.extend(c.context.signing_key.paths().iter().cloned());
+        if !c.admin.token_file.as_os_str().is_empty() {
+            files.push(c.admin.token_file.clone());
+        }
+        files
+    }
+}
+
+/// A file's content as the watcher last saw it (following symlinks), to tell a real
+/// change from an event that changed nothing.
+fn fingerprint(path: &Path) -> Option<aws_lc_rs::digest::Digest> {
+    std::fs::read(path)
+        .ok()
+        .map(|b| aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &b))
+}
+
+fn fingerprints(files: &[PathBuf]) -> HashMap<PathBuf, Option<Vec<u8>>> {
+    files
+        .iter()
+        .map(|f| (f.clone(), fingerprint(f).map(|d| d.as_ref().to_vec())))
+        .collect()
+}
+
+/// Watches the directories of the configured files until shutdown; reloads when one of
+/// the files' content changes.
+pub fn spawn_watcher(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+        let mut files = reloader.watched_files();
+        let mut seen = fingerprints(&files);
+        let mut watcher = match watch_dirs(&files, tx.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                warn!(error = %e, "cannot watch the configured files; reload with SIGHUP");
+                None
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = crate::shutdown::signalled(&mut shutdown) => return,
+                got = rx.recv() => if got.is_none() { return },
+            }
+            // Debounce: wait until the events stop for a moment.
+            loop {
+                match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+            }
+            let now = fingerprints(&files);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            info!("a watched certificate, key or token file changed: reloading");
+            if reloader.reload().await.is_ok() {
+                // The new configuration may name other files.
+                let next = reloader.watched_files();
+                if next != files {
+                    files = next;
+                    seen = fingerprints(&files);
+                    drop(watcher.take());
+                    watcher = watch_dirs(&files, tx.clone()).ok();
+                }
+            }
+        }
+    });
+}
+
+fn watch_dirs(
+    files: &[PathBuf],
+    tx: mpsc::UnboundedSender<()>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.send(());
+        }
+    })?;
+    let dirs: BTreeSet<PathBuf> = files
+        .iter()
+        .map(|f| {
+            f.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        })
+        .collect();
+    for dir in dirs {
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    }
+    Ok(watcher)
+}
