@@ -137,9 +137,20 @@ pub async fn run(config: Config, path: PathBuf, log: Option<telemetry::FilterHan
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading the configuration");
                 app::notify_reloading();
-                // The outcome is logged, counted and shown by /readyz.
-                let _ = running.reload().await;
-                app::notify_systemd(&[sd_notify::NotifyState::Ready]);
+                // The outcome is logged, counted and shown by /readyz (and systemd's status).
+                match running.reload().await {
+                    Ok(_) => app::notify_systemd(&[
+                        sd_notify::NotifyState::Ready,
+                        sd_notify::NotifyState::Status("serving; configuration reloaded"),
+                    ]),
+                    Err(e) => {
+                        let status = format!("serving; last reload refused: {e}");
+                        app::notify_systemd(&[
+                            sd_notify::NotifyState::Ready,
+                            sd_notify::NotifyState::Status(&status),
+                        ]);
+                    }
+                }
             }
         }
     }

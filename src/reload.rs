@@ -81,6 +81,10 @@ pub struct Reloader {
     pub status: Arc<ReloadStatus>,
     /// One reload at a time (SIGHUP and a file change together).
     busy: tokio::sync::Mutex<()>,
+    /// After each applied reload: the watched files' content as that reload found it
+    /// (read before it read them), so the watcher follows the files the new
+    /// configuration names and misses no change made meanwhile.
+    applied: watch::Sender<Arc<Fingerprints>>,
 }
 
 /// Keys read once at start: a changed value is reported, not applied.
@@ -152,6 +156,7 @@ impl Reloader {
             metrics,
             status,
             busy: tokio::sync::Mutex::new(()),
+            applied: watch::Sender::new(Arc::default()),
         }
     }
 
@@ -177,6 +182,7 @@ impl Reloader {
     pub async fn apply(&self, config: Config) -> Result<Vec<&'static str>, ConfigError> {
         let _one = self.busy.lock().await;
         let old = self.current.get();
+        let found = fingerprints(&watched_files_of(&config)).await;
         // Everything is built before anything is swapped: a failure changes nothing.
         let built = (|| {
             let config = Arc::new(config);
@@ -184,6 +190,16 @@ impl Reloader {
             let gateway = old.reloaded(config.clone())?;
             // The admin listener stays where it is: its address needs a restart.
             let admin = AdminAuth::load(&config.admin.token_file, old.config.server.admin_listen)?;
+            // Store keys apply at the next restart; checked now, as check-config would,
+            // so that restart does not fail (nothing is connected).
+            if config.session.store == crate::config::StoreKind::Redis {
+                crate::session::RedisStore::new(
+                    &config.session,
+                    gateway.limits.store(),
+                    Vec::new(),
+                    old.shutdown.clone(),
+                )?;
+            }
             Ok::<_, ConfigError>((config, cert, gateway, admin))
         })();
         let (config, cert, gateway, admin) = match built {
@@ -193,7 +209,11 @@ impl Reloader {
                 return Err(e);
             }
         };
-        let restart = restart_only(&old.config, &config);
+        let mut restart = restart_only(&old.config, &config);
+        if self.log.is_none() && old.config.log.filter != config.log.filter {
+            // RUST_LOG chose the filter, or logging was set up elsewhere.
+            restart.push("log.filter");
+        }
         gateway.store.set_limits(gateway.limits.store());
         self.cert.replace(cert);
         self.limits
@@ -205,6 +225,7 @@ impl Reloader {
             }
         }
         self.current.replace(gateway);
+        self.applied.send_replace(Arc::new(found));
         self.metrics.reload(true);
         if let Ok(mut s) = self.status.0.lock() {
             s.failed = None;
@@ -229,91 +250,167 @@ impl Reloader {
         }
     }
 
-    /// The files whose change triggers a reload, under the configuration in force.
-    fn watched_files(&self) -> Vec<PathBuf> {
+    /// The token file of the configuration in force, if any.
+    fn token_file(&self) -> Option<PathBuf> {
         let c = self.current.get().config.clone();
-        let mut files = vec![c.server.tls_cert.clone(), c.server.tls_key.clone()];
-        for ca in [&c.emr.upstream_ca, &c.ehr.upstream_ca] {
-            if !ca.is_empty() {
-                files.push(PathBuf::from(ca));
+        (!c.admin.token_file.as_os_str().is_empty()).then(|| c.admin.token_file.clone())
+    }
+
+    /// Applies the token file alone (the rest of a changed configuration was refused);
+    /// a file that cannot be read as tokens locks admin actions until it can.
+    fn reload_tokens_alone(&self) {
+        let c = self.current.get().config.clone();
+        match AdminAuth::load(&c.admin.token_file, c.server.admin_listen) {
+            Ok(auth) => {
+                self.admin.store(Arc::new(auth));
+                info!("admin tokens reloaded on their own");
+            }
+            Err(e) => {
+                self.admin.store(Arc::new(AdminAuth::locked()));
+                warn!(key = %e.key, error = %e.message, "admin token file unusable: every admin action is refused until it is fixed");
             }
         }
-        files.extend(c.context.signing_key.paths().iter().cloned());
-        if !c.admin.token_file.as_os_str().is_empty() {
-            files.push(c.admin.token_file.clone());
-        }
-        files
     }
+
+    /// The files whose change triggers a reload, under the configuration in force.
+    fn watched_files(&self) -> Vec<PathBuf> {
+        watched_files_of(&self.current.get().config)
+    }
+}
+
+/// The files of `c` whose change triggers a reload.
+fn watched_files_of(c: &Config) -> Vec<PathBuf> {
+    let mut files = vec![c.server.tls_cert.clone(), c.server.tls_key.clone()];
+    for ca in [&c.emr.upstream_ca, &c.ehr.upstream_ca] {
+        if !ca.is_empty() {
+            files.push(PathBuf::from(ca));
+        }
+    }
+    files.extend(c.context.signing_key.paths().iter().cloned());
+    if !c.admin.token_file.as_os_str().is_empty() {
+        files.push(c.admin.token_file.clone());
+    }
+    files
 }
 
 /// A file's content as the watcher last saw it (following symlinks), to tell a real
 /// change from an event that changed nothing.
-fn fingerprint(path: &Path) -> Option<aws_lc_rs::digest::Digest> {
-    std::fs::read(path)
-        .ok()
-        .map(|b| aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &b))
+fn fingerprint(path: &Path) -> Option<Vec<u8>> {
+    std::fs::read(path).ok().map(|b| {
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &b)
+            .as_ref()
+            .to_vec()
+    })
 }
 
-fn fingerprints(files: &[PathBuf]) -> HashMap<PathBuf, Option<Vec<u8>>> {
-    files
-        .iter()
-        .map(|f| (f.clone(), fingerprint(f).map(|d| d.as_ref().to_vec())))
-        .collect()
+type Fingerprints = HashMap<PathBuf, Option<Vec<u8>>>;
+
+async fn fingerprints(files: &[PathBuf]) -> Fingerprints {
+    let files = files.to_vec();
+    tokio::task::spawn_blocking(move || files.iter().map(|f| (f.clone(), fingerprint(f))).collect())
+        .await
+        .unwrap_or_default()
 }
+
+/// Events closer together than [`DEBOUNCE`] are one change, but a directory that never
+/// goes quiet still gets its reload after this long.
+const DEBOUNCE_AT_MOST: Duration = Duration::from_secs(2);
 
 /// Watches the directories of the configured files until shutdown; reloads when one of
-/// the files' content changes.
+/// the files' content changes. After any applied reload (SIGHUP included) it follows
+/// the files the new configuration names.
 pub fn spawn_watcher(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>) {
     tokio::spawn(async move {
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+        let mut applied = reloader.applied.subscribe();
         let mut files = reloader.watched_files();
-        let mut seen = fingerprints(&files);
-        let mut watcher = match watch_dirs(&files, tx.clone()) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                warn!(error = %e, "cannot watch the configured files; reload with SIGHUP");
-                None
-            }
-        };
+        let mut seen = fingerprints(&files).await;
+        let mut watcher = arm(&files, &tx);
         loop {
             tokio::select! {
                 _ = crate::shutdown::signalled(&mut shutdown) => return,
                 got = rx.recv() => if got.is_none() { return },
-            }
-            // Debounce: wait until the events stop for a moment.
-            loop {
-                match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
-                    Ok(Some(())) => continue,
-                    Ok(None) => return,
-                    Err(_) => break,
+                // A reload (SIGHUP, or this watcher's own) may name other files: watch
+                // those, from what that reload read; a change made since is caught below.
+                _ = applied.changed() => {
+                    let next = reloader.watched_files();
+                    if next != files {
+                        files = next;
+                        drop(watcher.take());
+                        watcher = arm(&files, &tx);
+                    }
+                    seen = (**applied.borrow_and_update()).clone();
                 }
             }
-            let now = fingerprints(&files);
+            // Debounce: until the events stop for a moment, or at most a while.
+            let until = tokio::time::Instant::now() + DEBOUNCE_AT_MOST;
+            loop {
+                let quiet = tokio::time::Instant::now() + DEBOUNCE;
+                match tokio::time::timeout_at(quiet.min(until), rx.recv()).await {
+                    Ok(Some(())) if tokio::time::Instant::now() < until => continue,
+                    Ok(None) => return,
+                    _ => break,
+                }
+            }
+            let now = fingerprints(&files).await;
             if now == seen {
                 continue;
             }
-            seen = now;
+            let token_file = reloader.token_file();
+            let tokens_changed = token_file
+                .as_ref()
+                .is_some_and(|t| now.get(t) != seen.get(t));
             info!("a watched certificate, key or token file changed: reloading");
-            if reloader.reload().await.is_ok() {
-                // The new configuration may name other files.
-                let next = reloader.watched_files();
-                if next != files {
-                    files = next;
-                    seen = fingerprints(&files);
-                    drop(watcher.take());
-                    watcher = watch_dirs(&files, tx.clone()).ok();
+            match reloader.reload().await {
+                // `applied` brings the loop back to the files the new one names.
+                Ok(_) => seen = now,
+                Err(_) if tokens_changed => {
+                    // The rest of the configuration is refused, but the tokens are
+                    // applied on their own (a revoked token stops working), or, if
+                    // they cannot be read, every admin action is refused.
+                    reloader.reload_tokens_alone();
+                    seen = now;
                 }
+                // Not taken: the next change or SIGHUP tries again.
+                Err(_) => {}
             }
         }
     });
+}
+
+fn arm(files: &[PathBuf], tx: &mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
+    match watch_dirs(files, tx.clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(error = %e, "cannot watch the configured files; reload with SIGHUP");
+            None
+        }
+    }
+}
+
+/// Whether an event can mean a watched file changed: it names one of them, or an entry
+/// of the `..data` kind that Kubernetes swaps to replace a secret's files at once.
+/// Reads (opens, accesses) never do: ehrgate's own reads must not wake the watcher.
+fn relevant(event: &notify::Event, names: &BTreeSet<std::ffi::OsString>) -> bool {
+    if matches!(event.kind, notify::EventKind::Access(_)) {
+        return false;
+    }
+    event.paths.iter().any(|p| {
+        p.file_name()
+            .is_some_and(|n| names.contains(n) || n.to_str().is_some_and(|n| n.starts_with("..")))
+    })
 }
 
 fn watch_dirs(
     files: &[PathBuf],
     tx: mpsc::UnboundedSender<()>,
 ) -> notify::Result<notify::RecommendedWatcher> {
+    let names: BTreeSet<std::ffi::OsString> = files
+        .iter()
+        .filter_map(|f| f.file_name().map(|n| n.to_os_string()))
+        .collect();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        if event.is_ok_and(|e| relevant(&e, &names)) {
             let _ = tx.send(());
         }
     })?;

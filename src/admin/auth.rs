@@ -22,6 +22,9 @@ struct Named {
 pub struct AdminAuth {
     tokens: Vec<Named>,
     loopback: bool,
+    /// Refuses every action: the token file changed and cannot be read as tokens (a
+    /// revoked token must not keep working because its replacement is broken).
+    locked: bool,
 }
 
 /// Why an admin action was refused.
@@ -82,11 +85,24 @@ impl AdminAuth {
         Ok(Self {
             tokens,
             loopback: admin_listen.ip().is_loopback(),
+            locked: false,
         })
+    }
+
+    /// Credentials that refuse every admin action (fail closed).
+    pub fn locked() -> Self {
+        Self {
+            tokens: Vec::new(),
+            loopback: false,
+            locked: true,
+        }
     }
 
     /// Who is acting, from the request's `Authorization` header; or why not.
     pub fn who(&self, authorization: Option<&[u8]>) -> Result<String, Refusal> {
+        if self.locked {
+            return Err(Refusal::BadToken);
+        }
         if self.tokens.is_empty() {
             return if self.loopback {
                 Ok("loopback".to_owned())

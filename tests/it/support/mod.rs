@@ -73,6 +73,8 @@ pub struct Setup {
     pub audit_blocked: bool,
     /// Whether the configured authority is marked `default = true`.
     pub default_authority: bool,
+    /// Certificate and key files other than the test's own (`tls_cert`, `tls_key`).
+    pub tls_files: Option<(PathBuf, PathBuf)>,
 }
 
 impl Setup {
@@ -87,6 +89,7 @@ impl Setup {
             session: String::new(),
             audit_blocked: false,
             default_authority: true,
+            tls_files: None,
         }
     }
 
@@ -154,8 +157,18 @@ path = {audit:?}
 filter = "warn"
 {tail}
 "#,
-            cert = files.cert.display().to_string(),
-            key = files.key.display().to_string(),
+            cert = self
+                .tls_files
+                .as_ref()
+                .map_or(&files.cert, |t| &t.0)
+                .display()
+                .to_string(),
+            key = self
+                .tls_files
+                .as_ref()
+                .map_or(&files.key, |t| &t.1)
+                .display()
+                .to_string(),
             signing = files.signing_key.display().to_string(),
             audit = if self.audit_blocked {
                 let blocker = files.path("blocked");
