@@ -27,14 +27,14 @@ pub fn spawn_sweeper(current: Arc<Current>) {
     let first = current.get();
     let mut shutdown = first.shutdown.clone();
     let store = first.store.clone();
-    let mut tick = tokio::time::interval(interval(&first));
     drop(first);
     tokio::spawn(async move {
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // The pause follows the limits in force (a reload may shorten them).
+            let pause = interval(&current.get());
             tokio::select! {
                 _ = crate::shutdown::signalled(&mut shutdown) => return,
-                _ = tick.tick() => sweep(&current.get()).await,
+                _ = tokio::time::sleep(pause) => sweep(&current.get()).await,
                 // Sign-outs held back by an outage land the moment the store is back.
                 _ = reachable_again(&store) => sweep(&current.get()).await,
             }
