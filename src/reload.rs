@@ -319,13 +319,16 @@ const DEBOUNCE_AT_MOST: Duration = Duration::from_secs(2);
 /// Watches the directories of the configured files until shutdown; reloads when one of
 /// the files' content changes. After any applied reload (SIGHUP included) it follows
 /// the files the new configuration names.
+///
+/// The files are read and the watches set before this returns (before ehrgate says it
+/// is serving), so no change made after that moment can be missed.
 pub fn spawn_watcher(reloader: Arc<Reloader>, mut shutdown: watch::Receiver<bool>) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let mut applied = reloader.applied.subscribe();
+    let mut files = reloader.watched_files();
+    let mut seen: Fingerprints = files.iter().map(|f| (f.clone(), fingerprint(f))).collect();
+    let mut watcher = arm(&files, &tx);
     tokio::spawn(async move {
-        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-        let mut applied = reloader.applied.subscribe();
-        let mut files = reloader.watched_files();
-        let mut seen = fingerprints(&files).await;
-        let mut watcher = arm(&files, &tx);
         loop {
             tokio::select! {
                 _ = crate::shutdown::signalled(&mut shutdown) => return,
