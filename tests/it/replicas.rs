@@ -481,7 +481,9 @@ async fn an_emr_record_that_expired_first_still_ends_its_ehr_session_at_logout()
 
 #[tokio::test]
 async fn a_sign_out_published_while_a_replica_was_unsubscribed_still_closes_its_tabs() {
-    let r = Replicas::start(2).await;
+    // Limits long enough that the regular sweep comes only every 30 s: what closes the
+    // tab here is the re-check on subscribing again.
+    let r = Replicas::start_with(2, |s| s.session("ticket_ttl = \"600s\"")).await;
     let browser = r.browser(DOCTOR);
     enter_spread(&r, &browser, 0, 0, 0).await;
     let on1 = r.via(&browser, 1);
@@ -507,9 +509,9 @@ async fn a_sign_out_published_while_a_replica_was_unsubscribed_still_closes_its_
     let logout = r.via(&browser, 0).emr_get("/oscar/logout.jsp").await;
     assert_eq!(logout.status, 302);
 
-    // Replica 1 re-checks what it holds once it is subscribed again: well before its
-    // next regular sweep (15 s here).
-    let next = tokio::time::timeout(Duration::from_secs(10), stream.frame())
+    // Replica 1 re-checks what it holds once it is subscribed again (within a second
+    // or so): well before its next regular sweep (30 s here).
+    let next = tokio::time::timeout(Duration::from_secs(25), stream.frame())
         .await
         .expect("logout event in time");
     let data = next.unwrap().unwrap().into_data().unwrap();
