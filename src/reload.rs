@@ -88,50 +88,39 @@ pub struct Reloader {
 }
 
 /// Keys read once at start: a changed value is reported, not applied.
-fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
-    let (o, n) = (old, new);
-    let mut keys = Vec::new();
-    let mut differs = |key: &'static str, changed: bool| {
-        if changed {
-            keys.push(key);
-        }
-    };
-    differs("server.listen", o.server.listen != n.server.listen);
-    differs(
-        "server.admin_listen",
-        o.server.admin_listen != n.server.admin_listen,
-    );
-    differs("server.workers", o.server.workers != n.server.workers);
-    differs(
-        "server.max_connections",
-        o.server.max_connections != n.server.max_connections,
-    );
-    differs(
-        "server.shutdown_grace",
-        o.server.shutdown_grace != n.server.shutdown_grace,
-    );
-    differs("session.store", o.session.store != n.session.store);
-    differs(
-        "session.redis_url",
-        o.session.redis_url != n.session.redis_url,
-    );
-    differs("session.redis_ca", o.session.redis_ca != n.session.redis_ca);
-    differs(
-        "session.redis_key_prefix",
-        o.session.redis_key_prefix != n.session.redis_key_prefix,
-    );
-    differs(
-        "session.store_key",
-        o.session.store_key != n.session.store_key,
-    );
-    differs(
-        "session.max_sessions",
-        o.session.max_sessions != n.session.max_sessions,
-    );
-    differs("audit.path", o.audit.path != n.audit.path);
-    differs("audit.hash_key", o.audit.hash_key != n.audit.hash_key);
-    differs("log.format", o.log.format != n.log.format);
-    keys
+fn restart_only(o: &Config, n: &Config) -> Vec<&'static str> {
+    let (os, ns) = (&o.session, &n.session);
+    [
+        ("server.listen", o.server.listen != n.server.listen),
+        (
+            "server.admin_listen",
+            o.server.admin_listen != n.server.admin_listen,
+        ),
+        ("server.workers", o.server.workers != n.server.workers),
+        (
+            "server.max_connections",
+            o.server.max_connections != n.server.max_connections,
+        ),
+        (
+            "server.shutdown_grace",
+            o.server.shutdown_grace != n.server.shutdown_grace,
+        ),
+        ("session.store", os.store != ns.store),
+        ("session.redis_url", os.redis_url != ns.redis_url),
+        ("session.redis_ca", os.redis_ca != ns.redis_ca),
+        (
+            "session.redis_key_prefix",
+            os.redis_key_prefix != ns.redis_key_prefix,
+        ),
+        ("session.store_key", os.store_key != ns.store_key),
+        ("session.max_sessions", os.max_sessions != ns.max_sessions),
+        ("audit.path", o.audit.path != n.audit.path),
+        ("audit.hash_key", o.audit.hash_key != n.audit.hash_key),
+        ("log.format", o.log.format != n.log.format),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect()
 }
 
 impl Reloader {

@@ -617,8 +617,11 @@ impl RedisStore {
 
     /// Runs a script with string arguments; every failure is counted and marks the
     /// store unhealthy until an operation succeeds again.
-    async fn run(&self, script: &Script, args: &[&[u8]]) -> StoreResult<Value> {
+    /// Every script takes the key prefix, then the hex hash its keys are named by
+    /// (`subject`), then its own arguments.
+    async fn run(&self, script: &Script, subject: &str, args: &[&[u8]]) -> StoreResult<Value> {
         let mut inv = script.prepare_invoke();
+        inv.arg(self.prefix.as_bytes()).arg(subject.as_bytes());
         for a in args {
             inv.arg(*a);
         }
@@ -855,10 +858,7 @@ impl RedisStore {
         hash: &TokenHash,
         extra: &[&[u8]],
     ) -> StoreResult<Option<LaunchTicket>> {
-        let t = hash.to_hex();
-        let mut args: Vec<&[u8]> = vec![self.prefix.as_bytes(), t.as_bytes()];
-        args.extend_from_slice(extra);
-        let v = self.run(script, &args).await?;
+        let v = self.run(script, &hash.to_hex(), extra).await?;
         match array(&v) {
             Some(f) => self.ticket_from(hash, f),
             None => Ok(None),
@@ -946,12 +946,7 @@ impl SessionStore for RedisStore {
 
     async fn emr(&self, key: &TokenHash) -> StoreResult<Option<Arc<EmrSession>>> {
         let e = key.to_hex();
-        let v = self
-            .run(
-                &self.scripts.get_emr,
-                &[self.prefix.as_bytes(), e.as_bytes()],
-            )
-            .await?;
+        let v = self.run(&self.scripts.get_emr, &e, &[]).await?;
         Ok(array(&v).and_then(|f| self.emr_from(*key, f)))
     }
 
@@ -964,9 +959,8 @@ impl SessionStore for RedisStore {
         let v = self
             .run(
                 &self.scripts.insert_emr,
+                &e,
                 &[
-                    self.prefix.as_bytes(),
-                    e.as_bytes(),
                     session.user.as_bytes(),
                     uh.as_bytes(),
                     now.as_bytes(),
@@ -1003,9 +997,8 @@ impl SessionStore for RedisStore {
         let v = self
             .run(
                 &self.scripts.touch_emr,
+                &e,
                 &[
-                    self.prefix.as_bytes(),
-                    e.as_bytes(),
                     now_s.as_bytes(),
                     idle_s.as_bytes(),
                     ttl.as_bytes(),
@@ -1029,12 +1022,7 @@ impl SessionStore for RedisStore {
     ) -> StoreResult<Option<(Arc<EmrSession>, Option<Arc<EhrSession>>)>> {
         let e = key.to_hex();
         self.emr_touched.remove(key);
-        let v = self
-            .run(
-                &self.scripts.end_emr,
-                &[self.prefix.as_bytes(), e.as_bytes()],
-            )
-            .await?;
+        let v = self.run(&self.scripts.end_emr, &e, &[]).await?;
         let Some(f) = array(&v) else {
             return Ok(None);
         };
@@ -1058,13 +1046,8 @@ impl SessionStore for RedisStore {
         let (ttl, max) = (self.emr_ttl().to_string(), MAX_MARKERS_PER_EMR.to_string());
         self.run(
             &self.scripts.add_marker,
-            &[
-                self.prefix.as_bytes(),
-                e.as_bytes(),
-                m.as_bytes(),
-                ttl.as_bytes(),
-                max.as_bytes(),
-            ],
+            &e,
+            &[m.as_bytes(), ttl.as_bytes(), max.as_bytes()],
         )
         .await?;
         Ok(())
@@ -1072,12 +1055,7 @@ impl SessionStore for RedisStore {
 
     async fn emr_by_marker(&self, marker: &TokenHash) -> StoreResult<Option<Arc<EmrSession>>> {
         let m = marker.to_hex();
-        let v = self
-            .run(
-                &self.scripts.by_marker,
-                &[self.prefix.as_bytes(), m.as_bytes()],
-            )
-            .await?;
+        let v = self.run(&self.scripts.by_marker, &m, &[]).await?;
         let Some(f) = array(&v) else {
             return Ok(None);
         };
@@ -1125,9 +1103,8 @@ impl SessionStore for RedisStore {
         let v = self
             .run(
                 &self.scripts.viewer,
+                &x,
                 &[
-                    self.prefix.as_bytes(),
-                    x.as_bytes(),
                     if touch.is_some() { b"1" } else { b"0" },
                     now.as_bytes(),
                     interval.as_bytes(),
@@ -1159,12 +1136,7 @@ impl SessionStore for RedisStore {
 
     async fn ehr_of_emr(&self, emr: &TokenHash) -> StoreResult<Option<Arc<EhrSession>>> {
         let e = emr.to_hex();
-        let v = self
-            .run(
-                &self.scripts.ehr_of_emr,
-                &[self.prefix.as_bytes(), e.as_bytes()],
-            )
-            .await?;
+        let v = self.run(&self.scripts.ehr_of_emr, &e, &[]).await?;
         let Some(f) = array(&v) else {
             return Ok(None);
         };
@@ -1186,9 +1158,8 @@ impl SessionStore for RedisStore {
         let v = self
             .run(
                 &self.scripts.insert_ehr,
+                &e,
                 &[
-                    self.prefix.as_bytes(),
-                    e.as_bytes(),
                     id.as_bytes(),
                     gen.as_bytes(),
                     session.user.as_bytes(),
@@ -1235,13 +1206,8 @@ impl SessionStore for RedisStore {
         let v = self
             .run(
                 &self.scripts.rekey_ehr,
-                &[
-                    self.prefix.as_bytes(),
-                    e.as_bytes(),
-                    gen.as_bytes(),
-                    id.as_bytes(),
-                    fallback.as_bytes(),
-                ],
+                &e,
+                &[gen.as_bytes(), id.as_bytes(), fallback.as_bytes()],
             )
             .await?;
         let done = int(&v) == Some(1);
@@ -1256,28 +1222,14 @@ impl SessionStore for RedisStore {
         let (jar, pat) = self.seal_jar_and_patient(&e, session)?;
         let gen = session.gen.to_string();
         let v = self
-            .run(
-                &self.scripts.save_ehr,
-                &[
-                    self.prefix.as_bytes(),
-                    e.as_bytes(),
-                    gen.as_bytes(),
-                    &jar,
-                    &pat,
-                ],
-            )
+            .run(&self.scripts.save_ehr, &e, &[gen.as_bytes(), &jar, &pat])
             .await?;
         Ok(int(&v) == Some(1))
     }
 
     async fn remove_ehr_of_emr(&self, emr: &TokenHash) -> StoreResult<Option<Arc<EhrSession>>> {
         let e = emr.to_hex();
-        let v = self
-            .run(
-                &self.scripts.remove_ehr,
-                &[self.prefix.as_bytes(), e.as_bytes()],
-            )
-            .await?;
+        let v = self.run(&self.scripts.remove_ehr, &e, &[]).await?;
         match array(&v) {
             Some(f) => Ok(self.ehr_record(*emr, f)?.map(|r| self.take_handle(r))),
             None => Ok(None),
@@ -1317,9 +1269,8 @@ impl SessionStore for RedisStore {
         let v = self
             .run(
                 &self.scripts.put_ticket,
+                &t,
                 &[
-                    self.prefix.as_bytes(),
-                    t.as_bytes(),
                     e.as_bytes(),
                     &ctx,
                     exp.as_bytes(),
@@ -1370,12 +1321,8 @@ impl SessionStore for RedisStore {
         let v = self
             .run(
                 &self.scripts.confirm_ticket,
-                &[
-                    self.prefix.as_bytes(),
-                    t.as_bytes(),
-                    n.as_bytes(),
-                    c.as_bytes(),
-                ],
+                &t,
+                &[n.as_bytes(), c.as_bytes()],
             )
             .await?;
         Ok(int(&v) == Some(1))
