@@ -8,13 +8,12 @@ use ehrgate::body::Body;
 use ehrgate::config::Config;
 use ehrgate::tls::dev::{generate_signing_key_pem, DevPki};
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::BodyExt;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::client::{TestClient, H1};
-use crate::support::clinic::{Browser, Clinic, FakeEmr, FakeViewer, DOCTOR};
+use crate::support::client::TestClient;
+use crate::support::clinic::{next_event, Browser, Clinic, FakeEmr, FakeViewer, DOCTOR};
 use crate::support::{Child, Setup, EHR, EMR};
 
 /// Only turns a hang into a failure.
@@ -183,31 +182,8 @@ async fn a_websocket_and_an_event_stream_survive_a_reload() {
     let clinic = Clinic::start().await;
     let browser = clinic.browser(DOCTOR);
     assert_eq!(browser.open_chart("1001", None).await.status, 200);
-    let mut events = H1::handshake(browser.client.tls(EHR, &[b"http/1.1"]).await).await;
-    let req = browser
-        .request(EHR, "GET", "/.ehrgate/events")
-        .body(Body::empty())
-        .unwrap();
-    let mut stream = events.send(req).await.into_body();
-    let first = stream.frame().await.unwrap().unwrap().into_data().unwrap();
-    assert!(String::from_utf8_lossy(&first).contains(": connected"));
-    let tls = browser.client.tls(EHR, &[b"http/1.1"]).await;
-    let mut ws_req =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
-            "wss://{EHR}:{}/ws",
-            clinic.gate.addr.port()
-        ))
-        .unwrap();
-    ws_req.headers_mut().insert(
-        "cookie",
-        format!(
-            "__Host-ehrgate={}",
-            browser.cookie(EHR, "__Host-ehrgate").unwrap()
-        )
-        .parse()
-        .unwrap(),
-    );
-    let (mut ws, _) = tokio_tungstenite::client_async(ws_req, tls).await.unwrap();
+    let mut stream = browser.open_events().await;
+    let mut ws = browser.open_websocket().await;
 
     // A reload with another authority and other limits.
     let text = with_riverside(Setup::new(clinic.emr.addr, clinic.viewer.addr))
@@ -239,18 +215,8 @@ async fn a_websocket_and_an_event_stream_survive_a_reload() {
     );
     assert_eq!(browser.viewer_get("/chart?patient=1001").await.status, 200);
     assert_eq!(browser.emr_get("/oscar/logout.jsp").await.status, 302);
-    // The next event (heartbeat comments, on a slow machine, skipped).
-    let data = loop {
-        let next = tokio::time::timeout(SOON, stream.frame()).await.unwrap();
-        let data = next.unwrap().unwrap().into_data().unwrap();
-        if !data.starts_with(b":") {
-            break data;
-        }
-    };
-    assert!(
-        String::from_utf8_lossy(&data).starts_with("event: logout"),
-        "{data:?}"
-    );
+    let event = next_event(&mut stream, SOON).await;
+    assert!(event.starts_with("event: logout"), "{event:?}");
     let end = tokio::time::timeout(SOON, ws.next()).await.unwrap();
     assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
 }

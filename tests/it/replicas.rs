@@ -7,11 +7,9 @@ use std::time::{Duration, Instant};
 
 use ehrgate::body::Body;
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::BodyExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::client::H1;
-use crate::support::clinic::{path_of, Browser, DOCTOR, PATIENTS};
+use crate::support::clinic::{next_event, path_of, Browser, DOCTOR, PATIENTS};
 use crate::support::clinic::{FakeEmr, FakeViewer};
 use crate::support::redis::Redis;
 use crate::support::replicas::Replicas;
@@ -173,40 +171,9 @@ async fn event_streams_and_websockets_on_other_replicas_close_at_sign_out() {
     let browser = r.browser(DOCTOR);
     enter_spread(&r, &browser, 0, 0, 0).await;
 
-    // An event stream through replica 1.
-    let on1 = r.via(&browser, 1);
-    let mut events = H1::handshake(on1.client.tls(EHR, &[b"http/1.1"]).await).await;
-    let req = on1
-        .request(EHR, "GET", "/.ehrgate/events")
-        .body(Body::empty())
-        .unwrap();
-    let resp = events.send(req).await;
-    assert_eq!(resp.status(), 200);
-    let mut stream = resp.into_body();
-    let first = stream.frame().await.unwrap().unwrap().into_data().unwrap();
-    assert!(String::from_utf8_lossy(&first).contains(": connected"));
-
-    // A WebSocket through replica 2.
-    let on2 = r.via(&browser, 2);
-    let tls = on2.client.tls(EHR, &[b"http/1.1"]).await;
-    let mut ws_req =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
-            "wss://{EHR}:{}/ws",
-            r.gates[2].addr.port()
-        ))
-        .unwrap();
-    ws_req.headers_mut().insert(
-        "cookie",
-        format!(
-            "__Host-ehrgate={}",
-            browser.cookie(EHR, "__Host-ehrgate").unwrap()
-        )
-        .parse()
-        .unwrap(),
-    );
-    let (mut ws, _) = tokio_tungstenite::client_async(ws_req, tls)
-        .await
-        .expect("WebSocket through replica 2");
+    // An event stream through replica 1, a WebSocket through replica 2.
+    let mut stream = r.via(&browser, 1).open_events().await;
+    let mut ws = r.via(&browser, 2).open_websocket().await;
     ws.send(Message::text("ping")).await.unwrap();
     assert!(matches!(ws.next().await, Some(Ok(Message::Text(_)))));
 
@@ -216,14 +183,8 @@ async fn event_streams_and_websockets_on_other_replicas_close_at_sign_out() {
         r.via(&browser, 0).emr_get("/oscar/logout.jsp").await.status,
         302
     );
-    let next = tokio::time::timeout(SOON, stream.frame())
-        .await
-        .expect("logout event in time");
-    let data = next.unwrap().unwrap().into_data().unwrap();
-    assert!(
-        String::from_utf8_lossy(&data).starts_with("event: logout"),
-        "{data:?}"
-    );
+    let event = next_event(&mut stream, SOON).await;
+    assert!(event.starts_with("event: logout"), "{event:?}");
     let end = tokio::time::timeout(SOON, ws.next())
         .await
         .expect("WebSocket closed in time");
@@ -486,15 +447,7 @@ async fn a_sign_out_published_while_a_replica_was_unsubscribed_still_closes_its_
     let r = Replicas::start_with(2, |s| s.session("ticket_ttl = \"600s\"")).await;
     let browser = r.browser(DOCTOR);
     enter_spread(&r, &browser, 0, 0, 0).await;
-    let on1 = r.via(&browser, 1);
-    let mut events = H1::handshake(on1.client.tls(EHR, &[b"http/1.1"]).await).await;
-    let req = on1
-        .request(EHR, "GET", "/.ehrgate/events")
-        .body(Body::empty())
-        .unwrap();
-    let mut stream = events.send(req).await.into_body();
-    let first = stream.frame().await.unwrap().unwrap().into_data().unwrap();
-    assert!(String::from_utf8_lossy(&first).contains(": connected"));
+    let mut stream = r.via(&browser, 1).open_events().await;
 
     // Every subscription is cut (a network blip, a failover); the sign-out on replica 0
     // is published before replica 1 has subscribed again, so its message is lost there.
@@ -511,14 +464,8 @@ async fn a_sign_out_published_while_a_replica_was_unsubscribed_still_closes_its_
 
     // Replica 1 re-checks what it holds once it is subscribed again (within a second
     // or so): well before its next regular sweep (30 s here).
-    let next = tokio::time::timeout(Duration::from_secs(25), stream.frame())
-        .await
-        .expect("logout event in time");
-    let data = next.unwrap().unwrap().into_data().unwrap();
-    assert!(
-        String::from_utf8_lossy(&data).starts_with("event: logout"),
-        "{data:?}"
-    );
+    let event = next_event(&mut stream, Duration::from_secs(25)).await;
+    assert!(event.starts_with("event: logout"), "{event:?}");
 }
 
 /// Launches and sign-outs of many clinicians at once, each on a different replica: the

@@ -440,6 +440,61 @@ impl Browser {
             .unwrap();
         self.send(EHR, req).await
     }
+
+    /// Opens the tab-closing event stream (`/.ehrgate/events`) as `session.js` does and
+    /// reads its first frame; returns the stream.
+    pub async fn open_events(&self) -> Incoming {
+        use http_body_util::BodyExt;
+        let mut events =
+            super::client::H1::handshake(self.client.tls(EHR, &[b"http/1.1"]).await).await;
+        let req = self
+            .request(EHR, "GET", "/.ehrgate/events")
+            .body(Body::empty())
+            .unwrap();
+        let resp = events.send(req).await;
+        assert_eq!(resp.status(), 200, "event stream refused");
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        let mut stream = resp.into_body();
+        let first = stream.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert!(String::from_utf8_lossy(&first).contains(": connected"));
+        stream
+    }
+
+    /// A WebSocket to the viewer's `/ws` through ehrgate, with this browser's session.
+    pub async fn open_websocket(
+        &self,
+    ) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>
+    {
+        let tls = self.client.tls(EHR, &[b"http/1.1"]).await;
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                format!("wss://{EHR}:{}/ws", self.client.addr.port()),
+            )
+            .unwrap();
+        let cookie = format!(
+            "__Host-ehrgate={}",
+            self.cookie(EHR, "__Host-ehrgate").unwrap()
+        );
+        req.headers_mut().insert("cookie", cookie.parse().unwrap());
+        tokio_tungstenite::client_async(req, tls)
+            .await
+            .expect("WebSocket through ehrgate")
+            .0
+    }
+}
+
+/// The next event of an event stream, heartbeat comments skipped.
+pub async fn next_event(stream: &mut Incoming, within: std::time::Duration) -> String {
+    use http_body_util::BodyExt;
+    loop {
+        let frame = tokio::time::timeout(within, stream.frame())
+            .await
+            .expect("an event in time");
+        let data = frame.unwrap().unwrap().into_data().unwrap();
+        if !data.starts_with(b":") {
+            return String::from_utf8_lossy(&data).into_owned();
+        }
+    }
 }
 
 /// The path and query of a redirect's `Location`.
