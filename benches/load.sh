@@ -9,6 +9,8 @@
 # alternating order, REPEATS times:
 #   direct  the upstream itself (plain HTTP, no proxy)
 #   nginx   nginx terminating TLS and proxying with keep-alive to the upstream
+#   haproxy HAProxy terminating TLS (same certificate), keep-alive to the same upstream
+#           (http-reuse always), one thread, on the same core as the other proxies
 #   emr     ehrgate, EMR host (routing, header rules, EMR session bookkeeping)
 #   ehr     ehrgate, viewer host with a live EHR session in vault mode (cookie ->
 #           session lookup -> jar merge -> forward): the realistic hot path
@@ -34,7 +36,7 @@ PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 BULK=${BULK:-10000}
 SIGNOUTS=${SIGNOUTS:-1000}
-UP_PORT=18080 NGINX_PORT=18443 GATE_PORT=19443 ADMIN_PORT=19090 BASE_PORT=19444 BASE_ADMIN_PORT=19091
+UP_PORT=18080 NGINX_PORT=18443 HAPROXY_PORT=18444 GATE_PORT=19443 ADMIN_PORT=19090 BASE_PORT=19444 BASE_ADMIN_PORT=19091
 REDIS_PORT=16379 RGATE_PORT=19445 RGATE_ADMIN_PORT=19092 RGATE2_PORT=19446 RGATE2_ADMIN_PORT=19093
 EMR=emr.bench.localhost EHR=ehr.bench.localhost
 OUT=$ROOT/target/load
@@ -57,6 +59,7 @@ log() { printf '%s\n' "$*" | tee -a "$RESULTS" >&2; }
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || missing+=(nginx-light)
+command -v haproxy >/dev/null || missing+=(haproxy)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v curl >/dev/null || missing+=(curl)
 command -v taskset >/dev/null || missing+=(util-linux)
@@ -68,6 +71,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   # Debian starts the packaged nginx service; this script runs its own instances.
   if [[ " ${missing[*]} " == *" nginx-light "* ]]; then $sudo service nginx stop >/dev/null 2>&1 || true; fi
   if [[ " ${missing[*]} " == *" redis-server "* ]]; then $sudo service redis-server stop >/dev/null 2>&1 || true; fi
+  if [[ " ${missing[*]} " == *" haproxy "* ]]; then $sudo service haproxy stop >/dev/null 2>&1 || true; fi
 fi
 if ! command -v oha >/dev/null && [ -z "${SKIP_OHA:-}" ]; then
   echo "building oha (a constant-rate load generator; about 7 minutes, once)" >&2
@@ -85,7 +89,7 @@ fi
 : > "$RESULTS"
 log "# ehrgate load benchmark — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 log "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/{print $2}') GiB"
-log "versions: $($GATE_BIN --version), $(nginx -v 2>&1 | cut -d' ' -f3), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $(command -v oha >/dev/null && oha --version || echo 'oha absent'), $(openssl version | cut -d' ' -f1-2)"
+log "versions: $($GATE_BIN --version), $(nginx -v 2>&1 | cut -d' ' -f3), $(haproxy -v | head -1 | cut -d' ' -f1-3), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $(command -v oha >/dev/null && oha --version || echo 'oha absent'), $(openssl version | cut -d' ' -f1-2)"
 log "settings: DURATION=${DURATION}s CONNS=$CONNS REPEATS=$REPEATS RATE=$RATE/s proxy on CPU $PROXY_CPU, load and upstream on CPU $LOAD_CPU"
 
 # --- key material (made here, deleted at exit) -------------------------------------
@@ -145,6 +149,34 @@ http {
 }
 EOF
 taskset -c "$PROXY_CPU" nginx -p "$WORK" -c "$WORK/proxy.conf"
+
+# --- HAProxy as the second reference -------------------------------------------------
+cat "$WORK/server.crt" "$WORK/server.key" > "$WORK/server.pem"
+cat > "$WORK/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 8000
+  pidfile $WORK/haproxy.pid
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 75s
+  timeout server 60s
+  timeout http-keep-alive 75s
+  option http-keep-alive
+frontend tls
+  bind 127.0.0.1:$HAPROXY_PORT ssl crt $WORK/server.pem alpn h2,http/1.1 ssl-min-ver TLSv1.2
+  option forwardfor
+  http-request set-header X-Forwarded-Proto https
+  default_backend up
+backend up
+  http-reuse always
+  server up 127.0.0.1:$UP_PORT
+EOF
+taskset -c "$PROXY_CPU" haproxy -D -f "$WORK/haproxy.cfg"
+for _ in $(seq 50); do [ -s "$WORK/haproxy.pid" ] && break; sleep 0.1; done
+HAPROXY_PID=$(head -1 "$WORK/haproxy.pid")
+PIDS+=("$HAPROXY_PID")
 
 # --- ehrgate -----------------------------------------------------------------------
 gate_config() { # port admin_port name [session lines]
@@ -228,7 +260,7 @@ TOKEN=$(new_session bench-hot-path)
 [ -n "$TOKEN" ] || { echo "could not open a viewer session" >&2; cat "$WORK/ehrgate.err" >&2; exit 1; }
 RTOKEN=$(new_session bench-redis-path "$RGATE_PORT")
 [ -n "$RTOKEN" ] || { echo "could not open a viewer session on the redis store" >&2; cat "$WORK/redis.err" >&2; exit 1; }
-TARGETS="direct nginx emr ehr emr-redis ehr-redis"
+TARGETS="direct nginx haproxy emr ehr emr-redis ehr-redis"
 if [ -n "$BASE_PID" ]; then
   BASE_TOKEN=$(new_session bench-base-path "$BASE_PORT")
   [ -n "$BASE_TOKEN" ] || { echo "could not open a viewer session on BASE_BIN" >&2; cat "$WORK/base.err" >&2; exit 1; }
@@ -239,6 +271,7 @@ target_args() { # name -> URL and headers for wrk/oha
   case $1 in
     direct) echo "http://127.0.0.1:$UP_PORT/chart" ;;
     nginx) echo "https://127.0.0.1:$NGINX_PORT/chart|Host: $EHR" ;;
+    haproxy) echo "https://127.0.0.1:$HAPROXY_PORT/chart|Host: $EHR" ;;
     emr) echo "https://127.0.0.1:$GATE_PORT/oscar/provider/providercontrol.jsp|Host: $EMR:$GATE_PORT" ;;
     ehr) echo "https://127.0.0.1:$GATE_PORT/chart|Host: $EHR:$GATE_PORT|Cookie: __Host-ehrgate=$TOKEN" ;;
     emr-base) echo "https://127.0.0.1:$BASE_PORT/oscar/provider/providercontrol.jsp|Host: $EMR:$BASE_PORT" ;;
@@ -247,7 +280,7 @@ target_args() { # name -> URL and headers for wrk/oha
     ehr-redis) echo "https://127.0.0.1:$RGATE_PORT/chart|Host: $EHR:$RGATE_PORT|Cookie: __Host-ehrgate=$RTOKEN" ;;
   esac
 }
-proxy_pids() { case $1 in direct) echo "" ;; nginx) nginx_pids ;; *-base) echo "$BASE_PID" ;; *-redis) echo "$RGATE_PID" ;; *) echo "$GATE_PID" ;; esac; }
+proxy_pids() { case $1 in direct) echo "" ;; nginx) nginx_pids ;; haproxy) echo "$HAPROXY_PID" ;; *-base) echo "$BASE_PID" ;; *-redis) echo "$RGATE_PID" ;; *) echo "$GATE_PID" ;; esac; }
 
 median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print "n/a"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
@@ -437,6 +470,12 @@ for t in $TARGETS; do
   r=$(m "${RPS[$t]}"); c=$(m "${CPU[$t]}"); a=$(m "${P50[$t]:-}"); b=$(m "${P99[$t]:-}")
   if [ "$t" = direct ]; then c="—"; fi
   log "| $t | $r | $c | $a | $b | $(ratio "$r" "$(m "${RPS[nginx]}")") | $( [ "$t" = direct ] && echo — || ratio "$c" "$(m "${CPU[nginx]}")") | $(ratio "$a" "$(m "${P50[nginx]:-}")") | $(ratio "$b" "$(m "${P99[nginx]:-}")") |"
+done
+log ""
+log "| against HAProxy | req/s ÷ haproxy | CPU ÷ haproxy | p50 ÷ haproxy | p99 ÷ haproxy |"
+log "| --- | --- | --- | --- | --- |"
+for t in nginx emr ehr; do
+  log "| $t | $(ratio "$(m "${RPS[$t]}")" "$(m "${RPS[haproxy]}")") | $(ratio "$(m "${CPU[$t]}")" "$(m "${CPU[haproxy]}")") | $(ratio "$(m "${P50[$t]:-}")" "$(m "${P50[haproxy]:-}")") | $(ratio "$(m "${P99[$t]:-}")" "$(m "${P99[haproxy]:-}")") |"
 done
 log ""
 log "| redis store vs memory store | ehrgate CPU µs/req (memory) | ehrgate CPU µs/req (redis) | + redis-server µs/req | (redis + redis-server) ÷ memory | p50 added ms @${RATE}/s | p99 added ms @${RATE}/s |"
