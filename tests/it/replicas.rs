@@ -367,6 +367,12 @@ async fn a_logout_seen_while_redis_is_down_ends_the_session_when_it_is_back() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(r.via(&browser, 1).viewer_get(&chart).await.status, 401);
+    // The viewer's logout call follows the removal (by a request or by the sweeper).
+    let deadline = Instant::now() + SOON;
+    while r.viewer.logouts().is_empty() {
+        assert!(Instant::now() < deadline, "the viewer was never signed out");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(r.viewer.logouts().len(), 1);
 }
 
@@ -522,4 +528,33 @@ async fn concurrent_launches_and_sign_outs_on_different_replicas_leave_the_store
             }
         }
     }
+}
+
+#[tokio::test]
+async fn an_idle_sweep_on_any_replica_is_seen_by_every_replica() {
+    let r = Replicas::start_with(2, |s| s.emr("idle_timeout = \"2s\"")).await;
+    let browser = r.browser(DOCTOR);
+    let chart = enter_spread(&r, &browser, 0, 1, 0).await;
+    let mut stream = r.via(&browser, 1).open_events().await;
+    // Nobody uses the EMR: a sweeper, on whichever replica, ends the session with its
+    // effects (the viewer signed out, the tab told), with no request to trigger it.
+    let event = next_event(&mut stream, SOON).await;
+    assert!(event.starts_with("event: logout"), "{event:?}");
+    for i in [0, 1] {
+        assert_eq!(r.via(&browser, i).viewer_get(&chart).await.status, 401);
+    }
+    // The viewer's logout call and the record follow the message (waited for).
+    let deadline = Instant::now() + SOON;
+    while r.audit_events("emr_logout").is_empty() {
+        assert!(Instant::now() < deadline, "no emr_logout record");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(r.viewer.logouts().len(), 1);
+    let logouts = r.audit_events("emr_logout");
+    assert_eq!(logouts.len(), 1, "ended once, by one replica");
+    assert!(
+        logouts[0]["detail"].as_str().unwrap().contains("idle"),
+        "{:?}",
+        logouts[0]
+    );
 }
