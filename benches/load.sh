@@ -92,33 +92,11 @@ log "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f
 log "versions: $($GATE_BIN --version), $(nginx -v 2>&1 | cut -d' ' -f3), $(haproxy -v | head -1 | cut -d' ' -f1-3), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $(command -v oha >/dev/null && oha --version || echo 'oha absent'), $(openssl version | cut -d' ' -f1-2)"
 log "settings: DURATION=${DURATION}s CONNS=$CONNS REPEATS=$REPEATS RATE=$RATE/s proxy on CPU $PROXY_CPU, load and upstream on CPU $LOAD_CPU"
 
-# --- key material (made here, deleted at exit) -------------------------------------
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench \
-  -addext "subjectAltName=DNS:$EMR,DNS:$EHR,IP:127.0.0.1" \
-  -keyout "$WORK/server.key" -out "$WORK/server.crt" 2>/dev/null
-openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$WORK/signing.pem" 2>/dev/null
-
-# --- the upstream: fixed answers, plain HTTP ---------------------------------------
-BODY=$(head -c 512 /dev/zero | tr '\0' 'x')
-cat > "$WORK/upstream.conf" <<EOF
-worker_processes 1;
-pid $WORK/upstream.pid;
-error_log $WORK/upstream.err warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:$UP_PORT;
-    location = /oscar/ws/rs/providerService/provider/me { default_type application/json; return 200 '{"providerNo":"999998"}'; }
-    location ^~ /oscar/ws/rs/demographics/ { default_type application/json; return 200 '{"hin":"9876543217","ver":"AB","dobYear":"1958","dobMonth":"03","dobDay":"14","sex":"F","providerNo":"999998","lastName":"Bench","firstName":"Patient"}'; }
-    location = /launch { add_header Set-Cookie "VSESSION=bench-viewer-session-0123456789abcdef; Path=/; HttpOnly; Secure"; return 302 /chart; }
-    location = /logout { return 200 'signed out'; }
-    location / { default_type text/plain; return 200 '$BODY'; }
-  }
-}
-EOF
-taskset -c "$LOAD_CPU" nginx -p "$WORK" -c "$WORK/upstream.conf"
+# --- key material (made here, deleted at exit) and the fixed upstream ---------------
+# shellcheck source=benches/common.sh
+. "$ROOT/benches/common.sh"
+make_keys
+start_upstream "$UP_PORT" "$LOAD_CPU"
 
 # --- nginx as the TLS reverse proxy (the reference) --------------------------------
 cat > "$WORK/proxy.conf" <<EOF

@@ -46,28 +46,10 @@ command -v oha >/dev/null || cargo install oha --locked -q
 cargo build --release --locked -q
 BIN=$ROOT/target/release/ehrgate
 
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench \
-  -addext "subjectAltName=DNS:$EMR,DNS:$EHR,IP:127.0.0.1" \
-  -keyout "$WORK/server.key" -out "$WORK/server.crt" 2>/dev/null
-openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$WORK/signing.pem" 2>/dev/null
-cat > "$WORK/upstream.conf" <<EOF
-worker_processes 1;
-pid $WORK/upstream.pid;
-error_log $WORK/upstream.err warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:$UP_PORT;
-    location = /oscar/ws/rs/providerService/provider/me { default_type application/json; return 200 '{"providerNo":"999998"}'; }
-    location ^~ /oscar/ws/rs/demographics/ { default_type application/json; return 200 '{"hin":"9876543217","ver":"AB","dobYear":"1958","dobMonth":"03","dobDay":"14","sex":"F","providerNo":"999998","lastName":"Bench","firstName":"Patient"}'; }
-    location = /launch { add_header Set-Cookie "VSESSION=bench-viewer-session; Path=/; HttpOnly; Secure"; return 302 /chart; }
-    location / { default_type text/plain; return 200 'ok'; }
-  }
-}
-EOF
-taskset -c "$LOAD_CPU" nginx -p "$WORK" -c "$WORK/upstream.conf"
+# shellcheck source=benches/common.sh
+. "$ROOT/benches/common.sh"
+make_keys
+start_upstream "$UP_PORT" "$LOAD_CPU"
 
 config() { # extra authority lines
   cat > "$WORK/ehrgate.toml" <<EOF

@@ -1,0 +1,38 @@
+# Shared by the load scripts (sourced): the key material and the fixed upstream.
+# Expects WORK (a scratch directory), EMR and EHR (host names).
+
+# make_keys: a server certificate for EMR, EHR and 127.0.0.1, its key, and a context
+# signing key, all in $WORK (made at run time, deleted with it).
+make_keys() {
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench \
+    -addext "subjectAltName=DNS:$EMR,DNS:$EHR,IP:127.0.0.1" \
+    -keyout "$WORK/server.key" -out "$WORK/server.crt" 2>/dev/null
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$WORK/signing.pem" 2>/dev/null
+}
+
+# start_upstream PORT CPU: the EMR and the viewer as one nginx with fixed answers
+# (whoami, demographics, the viewer's launch and logout, a 512-byte page), plain HTTP,
+# on loopback, pinned to CPU. Its pid is in $WORK/upstream.pid.
+start_upstream() {
+  local body
+  body=$(head -c 512 /dev/zero | tr '\0' 'x')
+  cat > "$WORK/upstream.conf" <<CONF
+worker_processes 1;
+pid $WORK/upstream.pid;
+error_log $WORK/upstream.err warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$1;
+    location = /oscar/ws/rs/providerService/provider/me { default_type application/json; return 200 '{"providerNo":"999998"}'; }
+    location ^~ /oscar/ws/rs/demographics/ { default_type application/json; return 200 '{"hin":"9876543217","ver":"AB","dobYear":"1958","dobMonth":"03","dobDay":"14","sex":"F","providerNo":"999998","lastName":"Bench","firstName":"Patient"}'; }
+    location = /launch { add_header Set-Cookie "VSESSION=bench-viewer-session-0123456789abcdef; Path=/; HttpOnly; Secure"; return 302 /chart; }
+    location = /logout { return 200 'signed out'; }
+    location / { default_type text/plain; return 200 '$body'; }
+  }
+}
+CONF
+  taskset -c "$2" nginx -p "$WORK" -c "$WORK/upstream.conf"
+}
