@@ -1,5 +1,18 @@
-# Shared by the load scripts (sourced): the key material and the fixed upstream.
-# Expects WORK (a scratch directory), EMR and EHR (host names).
+# Shared by the load scripts (sourced): what they install, the key material and the
+# fixed upstream. Expects WORK (a scratch directory), EMR and EHR (host names).
+
+# need COMMAND:PACKAGE...: installs the Debian packages whose command is missing
+# (idempotent), and stops the services packages start (these scripts run their own
+# instances, on their own ports).
+need() {
+  local missing=() pair sudo=""
+  for pair in "$@"; do command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+  for service in nginx redis-server haproxy; do $sudo service "$service" stop >/dev/null 2>&1 || true; done
+}
 
 # make_keys: a server certificate for EMR, EHR and 127.0.0.1, its key, and a context
 # signing key, all in $WORK (made at run time, deleted with it).

@@ -56,23 +56,9 @@ trap cleanup EXIT
 log() { printf '%s\n' "$*" | tee -a "$RESULTS" >&2; }
 
 # --- what it needs ---------------------------------------------------------------
-missing=()
-command -v wrk >/dev/null || missing+=(wrk)
-command -v nginx >/dev/null || missing+=(nginx-light)
-command -v haproxy >/dev/null || missing+=(haproxy)
-command -v openssl >/dev/null || missing+=(openssl)
-command -v curl >/dev/null || missing+=(curl)
-command -v taskset >/dev/null || missing+=(util-linux)
-command -v redis-server >/dev/null || missing+=(redis-server)
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
-  # Debian starts the packaged nginx service; this script runs its own instances.
-  if [[ " ${missing[*]} " == *" nginx-light "* ]]; then $sudo service nginx stop >/dev/null 2>&1 || true; fi
-  if [[ " ${missing[*]} " == *" redis-server "* ]]; then $sudo service redis-server stop >/dev/null 2>&1 || true; fi
-  if [[ " ${missing[*]} " == *" haproxy "* ]]; then $sudo service haproxy stop >/dev/null 2>&1 || true; fi
-fi
+# shellcheck source=benches/common.sh
+. "$ROOT/benches/common.sh"
+need wrk:wrk nginx:nginx-light haproxy:haproxy openssl:openssl curl:curl taskset:util-linux redis-server:redis-server
 if ! command -v oha >/dev/null && [ -z "${SKIP_OHA:-}" ]; then
   echo "building oha (a constant-rate load generator; about 7 minutes, once)" >&2
   cargo install oha --locked -q
@@ -93,8 +79,6 @@ log "versions: $($GATE_BIN --version), $(nginx -v 2>&1 | cut -d' ' -f3), $(hapro
 log "settings: DURATION=${DURATION}s CONNS=$CONNS REPEATS=$REPEATS RATE=$RATE/s proxy on CPU $PROXY_CPU, load and upstream on CPU $LOAD_CPU"
 
 # --- key material (made here, deleted at exit) and the fixed upstream ---------------
-# shellcheck source=benches/common.sh
-. "$ROOT/benches/common.sh"
 make_keys
 start_upstream "$UP_PORT" "$LOAD_CPU"
 

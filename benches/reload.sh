@@ -31,23 +31,14 @@ cleanup() {
 trap cleanup EXIT
 log() { printf '%s\n' "$*" | tee -a "$RESULTS" >&2; }
 
-missing=()
-command -v nginx >/dev/null || missing+=(nginx-light)
-command -v curl >/dev/null || missing+=(curl)
-command -v openssl >/dev/null || missing+=(openssl)
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
-  $sudo service nginx stop >/dev/null 2>&1 || true
-fi
+# shellcheck source=benches/common.sh
+. "$ROOT/benches/common.sh"
+need nginx:nginx-light curl:curl openssl:openssl
 export PATH="$HOME/.cargo/bin:$PATH"
 command -v oha >/dev/null || cargo install oha --locked -q
 cargo build --release --locked -q
 BIN=$ROOT/target/release/ehrgate
 
-# shellcheck source=benches/common.sh
-. "$ROOT/benches/common.sh"
 make_keys
 start_upstream "$UP_PORT" "$LOAD_CPU"
 

@@ -626,7 +626,13 @@ impl RedisStore {
             inv.arg(*a);
         }
         let mut conn = self.conn()?;
-        match inv.invoke_async::<Value>(&mut conn).await {
+        self.checked(inv.invoke_async::<Value>(&mut conn).await)
+    }
+
+    /// A reply from Redis as the store's result: every failure is counted and marks the
+    /// store unhealthy until an operation succeeds again.
+    fn checked<T>(&self, reply: redis::RedisResult<T>) -> StoreResult<T> {
+        match reply {
             Ok(v) => {
                 self.went_well();
                 Ok(v)
@@ -1070,16 +1076,12 @@ impl SessionStore for RedisStore {
     async fn emr_keys_of_user(&self, user: &str) -> StoreResult<Vec<TokenHash>> {
         let key = format!("{}u:{}", self.prefix, self.user_hash(user));
         let mut conn = self.conn()?;
-        let members: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| {
-                let e = unavailable(e);
-                self.went_wrong(&e);
-                e
-            })?;
-        self.went_well();
+        let members: Vec<Vec<u8>> = self.checked(
+            redis::cmd("SMEMBERS")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await,
+        )?;
         Ok(members
             .iter()
             .filter_map(|m| TokenHash::from_hex(m))
@@ -1347,33 +1349,29 @@ impl SessionStore for RedisStore {
         let p = &self.prefix;
         let idle_before = now.saturating_sub(l.emr_idle);
         let mut conn = self.conn()?;
-        let (dropped, idle, expired): (usize, Vec<Vec<u8>>, Vec<Vec<u8>>) = redis::pipe()
-            .cmd("ZREMRANGEBYSCORE")
-            .arg(format!("{p}z:tk"))
-            .arg("-inf")
-            .arg(now)
-            .cmd("ZRANGEBYSCORE")
-            .arg(format!("{p}z:emr"))
-            .arg("-inf")
-            .arg(idle_before)
-            .arg("LIMIT")
-            .arg(0)
-            .arg(SWEEP_BATCH)
-            .cmd("ZRANGEBYSCORE")
-            .arg(format!("{p}z:ehr"))
-            .arg("-inf")
-            .arg(now)
-            .arg("LIMIT")
-            .arg(0)
-            .arg(SWEEP_BATCH)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| {
-                let e = unavailable(e);
-                self.went_wrong(&e);
-                e
-            })?;
-        self.went_well();
+        let (dropped, idle, expired): (usize, Vec<Vec<u8>>, Vec<Vec<u8>>) = self.checked(
+            redis::pipe()
+                .cmd("ZREMRANGEBYSCORE")
+                .arg(format!("{p}z:tk"))
+                .arg("-inf")
+                .arg(now)
+                .cmd("ZRANGEBYSCORE")
+                .arg(format!("{p}z:emr"))
+                .arg("-inf")
+                .arg(idle_before)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(SWEEP_BATCH)
+                .cmd("ZRANGEBYSCORE")
+                .arg(format!("{p}z:ehr"))
+                .arg("-inf")
+                .arg(now)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(SWEEP_BATCH)
+                .query_async(&mut conn)
+                .await,
+        )?;
         // Local bookkeeping ages out here too.
         let interval = self.limits().touch_interval();
         self.emr_touched
@@ -1406,12 +1404,9 @@ impl SessionStore for RedisStore {
                     .arg("gen");
             }
             let mut conn = self.conn()?;
-            let gens: Vec<Option<String>> = pipe.query_async(&mut conn).await.map_err(|e| {
-                let e = unavailable(e);
-                self.recheck_due.store(true, Ordering::Release);
-                self.went_wrong(&e);
-                e
-            })?;
+            let gens: Vec<Option<String>> = self
+                .checked(pipe.query_async(&mut conn).await)
+                .inspect_err(|_| self.recheck_due.store(true, Ordering::Release))?;
             for ((emr, gen), now) in chunk.iter().zip(gens) {
                 if now.and_then(|g| g.parse::<u64>().ok()) != Some(*gen) {
                     if let Some((_, h)) = self.live.remove_if(emr, |_, h| h.gen == *gen) {
@@ -1421,7 +1416,6 @@ impl SessionStore for RedisStore {
                 }
             }
         }
-        self.went_well();
         if closed > 0 {
             info!(
                 closed,
@@ -1434,20 +1428,17 @@ impl SessionStore for RedisStore {
     async fn counts(&self) -> StoreResult<StoreCounts> {
         let p = &self.prefix;
         let mut conn = self.conn()?;
-        let (emr, ehr, tickets): (usize, usize, usize) = redis::pipe()
-            .cmd("ZCARD")
-            .arg(format!("{p}z:emr"))
-            .cmd("ZCARD")
-            .arg(format!("{p}z:ehr"))
-            .cmd("ZCARD")
-            .arg(format!("{p}z:tk"))
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| {
-                let e = unavailable(e);
-                self.went_wrong(&e);
-                e
-            })?;
+        let (emr, ehr, tickets): (usize, usize, usize) = self.checked(
+            redis::pipe()
+                .cmd("ZCARD")
+                .arg(format!("{p}z:emr"))
+                .cmd("ZCARD")
+                .arg(format!("{p}z:ehr"))
+                .cmd("ZCARD")
+                .arg(format!("{p}z:tk"))
+                .query_async(&mut conn)
+                .await,
+        )?;
         Ok(StoreCounts { emr, ehr, tickets })
     }
 }
