@@ -49,3 +49,35 @@ http {
 CONF
   taskset -c "$2" nginx -p "$WORK" -c "$WORK/upstream.conf"
 }
+
+# gate_config PORT ADMIN_PORT NAME [SESSION_LINES] [MORE_TABLES]: $WORK/NAME.toml, an
+# ehrgate in front of the fixed upstream on $UP_PORT with the keys from make_keys.
+gate_config() {
+  cat > "$WORK/$3.toml" <<CONF
+[server]
+listen = "127.0.0.1:$1"
+admin_listen = "127.0.0.1:$2"
+tls_cert = "$WORK/server.crt"
+tls_key = "$WORK/server.key"
+[emr]
+host = "$EMR"
+upstream = "http://127.0.0.1:$UP_PORT"
+logout_paths = ["/oscar/logout.jsp"]
+[ehr]
+host = "$EHR"
+upstream = "http://127.0.0.1:$UP_PORT"
+[[authority]]
+id = "2.16.840.1.113883.3.239.9:101"
+name = "Maple Family Health Team"
+default = true
+${5:-}
+[session]
+${4:-}
+[context]
+signing_key = "$WORK/signing.pem"
+[audit]
+path = "$WORK/audit-$3/audit.jsonl"
+[log]
+filter = "warn"
+CONF
+}

@@ -141,33 +141,6 @@ HAPROXY_PID=$(head -1 "$WORK/haproxy.pid")
 PIDS+=("$HAPROXY_PID")
 
 # --- ehrgate -----------------------------------------------------------------------
-gate_config() { # port admin_port name [session lines]
-  cat > "$WORK/$3.toml" <<EOF
-[server]
-listen = "127.0.0.1:$1"
-admin_listen = "127.0.0.1:$2"
-tls_cert = "$WORK/server.crt"
-tls_key = "$WORK/server.key"
-[emr]
-host = "$EMR"
-upstream = "http://127.0.0.1:$UP_PORT"
-logout_paths = ["/oscar/logout.jsp"]
-[ehr]
-host = "$EHR"
-upstream = "http://127.0.0.1:$UP_PORT"
-[[authority]]
-id = "2.16.840.1.113883.3.239.9:101"
-name = "Maple Family Health Team"
-[session]
-${4:-}
-[context]
-signing_key = "$WORK/signing.pem"
-[audit]
-path = "$WORK/audit-$3/audit.jsonl"
-[log]
-filter = "warn"
-EOF
-}
 start_gate() { # binary name -> pid
   taskset -c "$PROXY_CPU" "$1" run --config "$WORK/$2.toml" > "$WORK/$2.out" 2> "$WORK/$2.err" &
   local pid=$!

@@ -38,28 +38,7 @@ BIN=$ROOT/target/release/ehrgate
 
 make_keys
 start_upstream "$UP_PORT" "$LOAD_CPU"
-cat > "$WORK/ehrgate.toml" <<EOF
-[server]
-listen = "127.0.0.1:$GATE_PORT"
-admin_listen = "127.0.0.1:$ADMIN_PORT"
-tls_cert = "$WORK/server.crt"
-tls_key = "$WORK/server.key"
-[emr]
-host = "$EMR"
-upstream = "http://127.0.0.1:$UP_PORT"
-[ehr]
-host = "$EHR"
-upstream = "http://127.0.0.1:$UP_PORT"
-[[authority]]
-id = "2.16.840.1.113883.3.239.9:101"
-name = "Maple Family Health Team"
-[context]
-signing_key = "$WORK/signing.pem"
-[audit]
-path = "$WORK/audit/audit.jsonl"
-[log]
-filter = "warn"
-EOF
+gate_config "$GATE_PORT" "$ADMIN_PORT" ehrgate
 taskset -c "$PROXY_CPU" "$BIN" run --config "$WORK/ehrgate.toml" > "$WORK/gate.out" 2> "$WORK/gate.err" &
 GATE_PID=$!
 for _ in $(seq 100); do grep -q serving "$WORK/gate.out" 2>/dev/null && break; sleep 0.1; done
