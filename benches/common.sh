@@ -81,3 +81,17 @@ path = "$WORK/audit-$3/audit.jsonl"
 filter = "warn"
 CONF
 }
+
+# A viewer session, as a browser gets one: launch on the EMR host (from the EMR's own
+# page: same-origin), then enter on the viewer's, following the binding round trip
+# (enter -> EMR host's confirm -> enter) with a cookie jar, as a browser does.
+new_session() { # $1: the EMR session cookie value, $2: the port; prints the __Host-ehrgate value
+  local loc jar=$WORK/jar-$1 port=$2
+  local resolve=(--resolve "$EMR:$port:127.0.0.1" --resolve "$EHR:$port:127.0.0.1")
+  rm -f "$jar"
+  loc=$(curl -sk "${resolve[@]}" -c "$jar" -H "Cookie: JSESSIONID=$1" -H "Sec-Fetch-Site: same-origin" \
+    -o /dev/null -w '%{redirect_url}' \
+    "https://$EMR:$port/oscar/clinicalConnectEHRViewer.do?demographicNo=1001")
+  curl -sk "${resolve[@]}" -b "$jar" -c "$jar" -L --max-redirs 5 -o /dev/null "$loc"
+  awk -F'\t' '$6 == "__Host-ehrgate" { print $7 }' "$jar" | tail -1
+}

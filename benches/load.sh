@@ -178,20 +178,7 @@ nginx_pids() { local m; m=$(cat "$WORK/proxy.pid"); echo "$m $(pgrep -P "$m" | x
 cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
 TICK=$(getconf CLK_TCK)
 
-# A viewer session, as a browser gets one: launch on the EMR host (from the EMR's own
-# page: same-origin), then enter on the viewer's, following the binding round trip
-# (enter -> EMR host's confirm -> enter) with a cookie jar, as a browser does.
-new_session() { # $1: the EMR session cookie value, $2: the port; prints the __Host-ehrgate value
-  local loc jar=$WORK/jar-$1 port=${2:-$GATE_PORT}
-  local resolve=(--resolve "$EMR:$port:127.0.0.1" --resolve "$EHR:$port:127.0.0.1")
-  rm -f "$jar"
-  loc=$(curl -sk "${resolve[@]}" -c "$jar" -H "Cookie: JSESSIONID=$1" -H "Sec-Fetch-Site: same-origin" \
-    -o /dev/null -w '%{redirect_url}' \
-    "https://$EMR:$port/oscar/clinicalConnectEHRViewer.do?demographicNo=1001")
-  curl -sk "${resolve[@]}" -b "$jar" -c "$jar" -L --max-redirs 5 -o /dev/null "$loc"
-  awk -F'\t' '$6 == "__Host-ehrgate" { print $7 }' "$jar" | tail -1
-}
-TOKEN=$(new_session bench-hot-path)
+TOKEN=$(new_session bench-hot-path "$GATE_PORT")
 [ -n "$TOKEN" ] || { echo "could not open a viewer session" >&2; cat "$WORK/ehrgate.err" >&2; exit 1; }
 RTOKEN=$(new_session bench-redis-path "$RGATE_PORT")
 [ -n "$RTOKEN" ] || { echo "could not open a viewer session on the redis store" >&2; cat "$WORK/redis.err" >&2; exit 1; }
@@ -290,7 +277,7 @@ done
 
 log ""
 log "## Sign-out"
-victim=$(new_session bench-logout)
+victim=$(new_session bench-logout "$GATE_PORT")
 t_logout=$(curl -sk --resolve "$EMR:$GATE_PORT:127.0.0.1" -H "Cookie: JSESSIONID=bench-logout" -o /dev/null -w '%{time_total}' "https://$EMR:$GATE_PORT/oscar/logout.jsp")
 next=$(curl -sk --resolve "$EHR:$GATE_PORT:127.0.0.1" -H "Cookie: __Host-ehrgate=$victim" -o /dev/null -w '%{http_code}' "https://$EHR:$GATE_PORT/chart")
 log "  EMR logout request: ${t_logout}s end to end (viewer logout call included); next viewer request: $next"

@@ -43,6 +43,18 @@ pub struct IdleBody {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A client's request body (else an upstream's response body).
     from_client: bool,
+    /// The upstream connection the body comes from, when reading the body is what
+    /// drives it; given back once the body has ended cleanly, closed if it is dropped
+    /// before.
+    lease: Option<Box<dyn Lease>>,
+}
+
+/// An upstream connection that a response body drives while it is read.
+pub trait Lease: Send {
+    /// Lets the connection read and write what it can (registering `cx` for more).
+    fn poll_drive(&mut self, cx: &mut Context<'_>);
+    /// The body has ended cleanly: the connection may serve another request.
+    fn release(self: Box<Self>);
 }
 
 /// An upstream paused its response body longer than `server.upstream_body_timeout`.
@@ -104,9 +116,21 @@ impl ClientBodyError {
 impl IdleBody {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         loop {
-            match Pin::new(&mut self.body).poll_frame(cx) {
+            let mut polled = Pin::new(&mut self.body).poll_frame(cx);
+            if polled.is_pending() {
+                if let Some(lease) = &mut self.lease {
+                    // The connection may have what the body waits for.
+                    lease.poll_drive(cx);
+                    polled = Pin::new(&mut self.body).poll_frame(cx);
+                }
+            }
+            match polled {
                 Poll::Ready(Some(Ok(frame))) => {
                     self.timer = None;
+                    if self.body.is_end_stream() {
+                        // The last frame: whoever reads this body may not ask again.
+                        self.release();
+                    }
                     if frame.is_trailers() && self.from_client {
                         continue;
                     }
@@ -116,7 +140,10 @@ impl IdleBody {
                     return Poll::Ready(Some(Err(Box::new(ClientBodyError::Malformed(e)))))
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
-                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(None) => {
+                    self.release();
+                    return Poll::Ready(None);
+                }
                 Poll::Pending => {
                     let idle = self.idle;
                     let timer = self
@@ -132,6 +159,14 @@ impl IdleBody {
                     return Poll::Pending;
                 }
             }
+        }
+    }
+}
+
+impl IdleBody {
+    fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release();
         }
     }
 }
@@ -223,12 +258,21 @@ impl Body {
             idle,
             timer: None,
             from_client: true,
+            lease: None,
         }))
     }
 
-    /// An upstream's response body, with `idle` as the longest pause between two reads.
-    pub fn from_upstream(body: Incoming, idle: std::time::Duration) -> Self {
+    /// An upstream's response body, with `idle` as the longest pause between two reads;
+    /// `lease` is the connection it comes from when reading the body drives it.
+    pub fn from_upstream(
+        body: Incoming,
+        idle: std::time::Duration,
+        lease: Option<Box<dyn Lease>>,
+    ) -> Self {
         if body.is_end_stream() {
+            if let Some(lease) = lease {
+                lease.release();
+            }
             return Body::Empty;
         }
         Body::Response(Box::new(IdleBody {
@@ -236,6 +280,7 @@ impl Body {
             idle,
             timer: None,
             from_client: false,
+            lease,
         }))
     }
 }

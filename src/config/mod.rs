@@ -216,6 +216,10 @@ pub struct EmrConfig {
     pub upstream: String,
     #[serde(default)]
     pub upstream_ca: String,
+    /// Offer HTTP/2 in ALPN to an https upstream; used where the upstream accepts it
+    /// (WebSocket upgrades stay on HTTP/1.1).
+    #[serde(default)]
+    pub upstream_http2: bool,
     #[serde(default = "defaults::session_cookie")]
     pub session_cookie: String,
     #[serde(default = "defaults::logout_paths")]
@@ -254,6 +258,10 @@ pub struct EhrConfig {
     pub upstream: String,
     #[serde(default)]
     pub upstream_ca: String,
+    /// Offer HTTP/2 in ALPN to an https upstream; used where the upstream accepts it
+    /// (WebSocket upgrades stay on HTTP/1.1).
+    #[serde(default)]
+    pub upstream_http2: bool,
     #[serde(default = "defaults::ehr_launch_path")]
     pub launch_path: String,
     #[serde(default = "defaults::ehr_logout_path")]

@@ -11,6 +11,7 @@
 pub mod cookies;
 pub mod headers;
 pub mod path;
+pub mod pool;
 pub mod route;
 pub mod upgrade;
 pub mod upstream;
@@ -90,12 +91,14 @@ impl Engine {
             Origin::Emr,
             &config.emr.upstream,
             &config.emr.upstream_ca,
+            config.emr.upstream_http2,
             s,
         )?;
         let ehr = Upstream::new(
             Origin::Ehr,
             &config.ehr.upstream,
             &config.ehr.upstream_ca,
+            config.ehr.upstream_http2,
             s,
         )?;
         let mut trusted = TrustedHeaders::new();

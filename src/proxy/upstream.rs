@@ -1,15 +1,21 @@
-//! One upstream (the EMR or the viewer): a pooled keep-alive HTTP/1.1 client over plain
-//! TCP or verified TLS, with the configured connect and response-header time limits.
+//! One upstream (the EMR or the viewer): keep-alive HTTP/1.1 connections kept per
+//! worker thread (see [`super::pool`]) over plain TCP or verified TLS, HTTP/2 where the
+//! configuration offers it and the upstream accepts it in ALPN, with the configured
+//! connect and response-header time limits.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::HOST;
 use http::uri::{PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
+use super::pool::{Held, Pool, Stream, H1, H2};
 use crate::body::Body;
 use crate::config::{ConfigError, ServerConfig, UpstreamUrl};
 use crate::metrics::UpstreamFailure;
@@ -17,15 +23,39 @@ use crate::problem::{BoxError, Problem, Side};
 use crate::proxy::route::Origin;
 use crate::tls;
 
-/// Idle connections kept per upstream; the clinic's upstreams are one host each.
-const POOL_MAX_IDLE: usize = 512;
+/// Idle HTTP/1.1 connections kept per upstream and per worker thread.
+const POOL_MAX_IDLE: usize = 256;
+
+/// TCP keep-alive probes on upstream connections start after this much silence.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 pub struct Upstream {
     scheme: Scheme,
     authority: http::uri::Authority,
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    /// `Host` of every HTTP/1.1 request: the upstream's own name, as its certificate
+    /// expects.
+    host: HeaderValue,
+    tls: Option<UpstreamTls>,
+    pool: Arc<Pool>,
+    connect_timeout: Duration,
+    max_buf_size: usize,
     response_timeout: Duration,
     body_timeout: Duration,
+}
+
+/// How an https upstream is reached.
+struct UpstreamTls {
+    name: ServerName<'static>,
+    /// ALPN `http/1.1` only.
+    h1: TlsConnector,
+    /// ALPN `h2` then `http/1.1`, when `upstream_http2` is on.
+    h2: Option<TlsConnector>,
+}
+
+/// A new connection: HTTP/1.1, or HTTP/2 where the upstream chose it.
+enum Fresh {
+    H1(H1),
+    H2(H2),
 }
 
 /// Why an upstream gave no response.
@@ -136,50 +166,65 @@ fn client_body_problem(timeout: bool, cause: BoxError) -> Problem {
 
 impl Upstream {
     /// The upstream of `origin`; configuration errors name `emr.…` or `ehr.…` keys.
+    /// `http2` offers HTTP/2 in ALPN to an https upstream.
     pub fn new(
         origin: Origin,
         url: &str,
         ca: &str,
+        http2: bool,
         server: &ServerConfig,
     ) -> Result<Self, ConfigError> {
         let key = origin.as_str();
         let parsed = UpstreamUrl::parse(&format!("{key}.upstream"), url)?;
+        if http2 && !parsed.https {
+            return Err(ConfigError::new(
+                &format!("{key}.upstream_http2"),
+                "applies to an https:// upstream only (HTTP/2 is agreed in the TLS handshake); \
+                 set it to false or use https://",
+            ));
+        }
+        let host = parsed.authority.host();
         let tls = if parsed.https {
-            tls::upstream_client_config(&format!("{key}.upstream_ca"), ca)?
+            let config = tls::upstream_client_config(&format!("{key}.upstream_ca"), ca)?;
+            let with_alpn = |protocols: &[&[u8]]| {
+                let mut c = config.clone();
+                c.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+                TlsConnector::from(Arc::new(c))
+            };
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            let name = ServerName::try_from(bare.to_owned()).map_err(|_| {
+                ConfigError::new(
+                    &format!("{key}.upstream"),
+                    format!("{host} is not a host name a TLS certificate can be checked against"),
+                )
+            })?;
+            Some(UpstreamTls {
+                name,
+                h1: with_alpn(&[b"http/1.1"]),
+                h2: http2.then(|| with_alpn(&[b"h2", b"http/1.1"])),
+            })
         } else {
-            // Never used for http://, but the connector type wants one.
-            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ConfigError::new(key, e.to_string()))?
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth()
+            None
         };
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(server.upstream_connect_timeout.get()));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(server.upstream_idle_timeout.get())
-            .pool_max_idle_per_host(POOL_MAX_IDLE)
-            .http1_max_buf_size(server.h1_buffer_bytes())
-            .build(connector);
+        let (scheme, default_port) = if parsed.https {
+            (Scheme::HTTPS, 443)
+        } else {
+            (Scheme::HTTP, 80)
+        };
+        // As browsers and the legacy client write it: the port only when not the default.
+        let host_header = match parsed.authority.port_u16() {
+            Some(p) if p != default_port => parsed.authority.as_str().to_owned(),
+            _ => host.to_owned(),
+        };
         Ok(Self {
-            scheme: if parsed.https {
-                Scheme::HTTPS
-            } else {
-                Scheme::HTTP
-            },
+            scheme,
+            host: HeaderValue::from_str(&host_header)
+                .map_err(|e| ConfigError::new(&format!("{key}.upstream"), e.to_string()))?,
             authority: parsed.authority,
-            client,
+            tls,
+            pool: Pool::new(POOL_MAX_IDLE, server.upstream_idle_timeout.get()),
+            connect_timeout: server.upstream_connect_timeout.get(),
+            max_buf_size: server.h1_buffer_bytes(),
             response_timeout: server.upstream_response_timeout.get(),
             body_timeout: server.upstream_body_timeout.get(),
         })
@@ -202,31 +247,204 @@ impl Upstream {
     /// The response body streams afterwards, as long as a download takes, but a pause
     /// longer than `upstream_body_timeout` between two reads ends it visibly.
     pub async fn send(&self, req: Request<Body>) -> Result<Response<Body>, UpstreamError> {
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+        match tokio::time::timeout(self.response_timeout, self.exchange(req)).await {
             Err(_) => Err(UpstreamError::ResponseTimeout),
-            Ok(Ok(resp)) => Ok(resp.map(|b| Body::from_upstream(b, self.body_timeout))),
-            Ok(Err(e)) => Err(classify(e)),
+            Ok(r) => r,
         }
+    }
+
+    async fn exchange(&self, req: Request<Body>) -> Result<Response<Body>, UpstreamError> {
+        // A protocol switch (WebSocket) needs HTTP/1.1 end to end.
+        let upgrade = req.headers().contains_key(http::header::UPGRADE);
+        if !upgrade && self.offers_h2() {
+            if let Some(h2) = self.pool.h2() {
+                return self.send_h2(h2, req).await;
+            }
+        }
+        let mut req = origin_form(req, &self.host);
+        loop {
+            let (mut conn, reused) = match self.pool.checkout() {
+                Some(conn) => (conn, true),
+                None => match self.connect(!upgrade).await? {
+                    Fresh::H1(conn) => (conn, false),
+                    Fresh::H2(h2) => {
+                        self.pool.set_h2(h2.clone());
+                        return self
+                            .send_h2(h2, absolute_form(req, &self.scheme, &self.authority))
+                            .await;
+                    }
+                },
+            };
+            match conn.send(req).await {
+                Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    // The connection goes on alone to hand its socket to the tunnel.
+                    conn.detach();
+                    return Ok(resp.map(|b| Body::from_upstream(b, self.body_timeout, None)));
+                }
+                Ok(resp) => {
+                    let lease = Box::new(Held::new(conn, self.pool.clone()));
+                    return Ok(resp.map(|b| Body::from_upstream(b, self.body_timeout, Some(lease))));
+                }
+                Err(mut e) => {
+                    let e = match e.take_message() {
+                        // A kept connection the upstream had closed never took the
+                        // request: send it on another.
+                        Some(again) if reused => {
+                            req = again;
+                            continue;
+                        }
+                        _ => e.into_error(),
+                    };
+                    return Err(classify(e));
+                }
+            }
+        }
+    }
+
+    fn offers_h2(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.h2.is_some())
+    }
+
+    async fn send_h2(
+        &self,
+        mut h2: H2,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let mut req = req;
+        req.headers_mut().remove(HOST);
+        *req.version_mut() = Version::HTTP_2;
+        h2.ready().await.map_err(classify)?;
+        match h2.send_request(req).await {
+            Ok(resp) => Ok(resp.map(|b| Body::from_upstream(b, self.body_timeout, None))),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    /// A new connection within `upstream_connect_timeout` (TCP, then TLS for https).
+    async fn connect(&self, h2: bool) -> Result<Fresh, UpstreamError> {
+        let tcp = tokio::time::timeout(self.connect_timeout, self.connect_tcp())
+            .await
+            .map_err(|_| {
+                UpstreamError::ConnectTimeout(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no TCP connection within upstream_connect_timeout",
+                )))
+            })??;
+        let Some(tls) = &self.tls else {
+            return self.handshake_h1(Stream::Plain(tcp)).await;
+        };
+        let connector = match (&tls.h2, h2) {
+            (Some(c), true) => c,
+            _ => &tls.h1,
+        };
+        let stream = connector
+            .connect(tls.name.clone(), tcp)
+            .await
+            .map_err(connect_error)?;
+        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(TokioIo::new(Stream::Tls(Box::new(stream))))
+                .await
+                .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            return Ok(Fresh::H2(sender));
+        }
+        self.handshake_h1(Stream::Tls(Box::new(stream))).await
+    }
+
+    async fn handshake_h1(&self, io: Stream) -> Result<Fresh, UpstreamError> {
+        H1::handshake(io, self.max_buf_size)
+            .await
+            .map(Fresh::H1)
+            .map_err(|e| UpstreamError::Connect(Box::new(e)))
+    }
+
+    /// TCP to the first of the upstream's addresses that answers.
+    async fn connect_tcp(&self) -> Result<TcpStream, UpstreamError> {
+        let host = self.authority.host();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = self.authority.port_u16().unwrap_or(match self.tls {
+            Some(_) => 443,
+            None => 80,
+        });
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(connect_error)?
+            .collect();
+        let mut last = None;
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(tcp) => {
+                    let _ = tcp.set_nodelay(true);
+                    let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+                    let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
+                    return Ok(tcp);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(connect_error(last.unwrap_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{host} resolved to no address"),
+            )
+        })))
     }
 }
 
-fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
-    let mut timed_out = false;
+/// An HTTP/1.1 request line names only the path; the upstream's name goes in `Host`.
+fn origin_form(req: Request<Body>, host: &HeaderValue) -> Request<Body> {
+    let (mut parts, body) = req.into_parts();
+    if let Some(pq) = parts.uri.path_and_query().cloned() {
+        parts.uri = Uri::from(pq);
+    }
+    parts.headers.insert(HOST, host.clone());
+    Request::from_parts(parts, body)
+}
+
+/// An HTTP/2 request names scheme and authority (`:scheme`, `:authority`), no `Host`.
+fn absolute_form(
+    req: Request<Body>,
+    scheme: &Scheme,
+    authority: &http::uri::Authority,
+) -> Request<Body> {
+    let (mut parts, body) = req.into_parts();
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(scheme.clone());
+    uri.authority = Some(authority.clone());
+    uri.path_and_query = parts.uri.path_and_query().cloned();
+    if let Ok(u) = Uri::from_parts(uri) {
+        parts.uri = u;
+    }
+    Request::from_parts(parts, body)
+}
+
+/// Why no connection could be made: a refused certificate, a time limit, or the rest.
+fn connect_error(e: std::io::Error) -> UpstreamError {
+    let timed_out = e.kind() == std::io::ErrorKind::TimedOut;
     let mut certificate = None;
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    let mut next: Option<&(dyn std::error::Error + 'static)> = e.get_ref().map(|i| i as _);
     while let Some(err) = next {
-        next = err.source();
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            timed_out |= io.kind() == std::io::ErrorKind::TimedOut;
-            // An I/O error's `source` skips the error it wraps: step into that instead.
-            if let Some(inner) = io.get_ref() {
-                next = Some(inner as &(dyn std::error::Error + 'static));
-            }
-        }
         if let Some(rustls::Error::InvalidCertificate(why)) = err.downcast_ref::<rustls::Error>() {
             certificate = Some(certificate_reason(why));
         }
+        next = err.source();
     }
+    match certificate {
+        Some(reason) => UpstreamError::Certificate {
+            reason,
+            cause: Box::new(e),
+        },
+        None if timed_out => UpstreamError::ConnectTimeout(Box::new(e)),
+        None => UpstreamError::Connect(Box::new(e)),
+    }
+}
+
+/// Why an exchange on an established connection failed.
+fn classify(e: hyper::Error) -> UpstreamError {
     if let Some(client) = crate::body::ClientBodyError::find(&e) {
         let timeout = matches!(client, crate::body::ClientBodyError::Timeout);
         return UpstreamError::ClientBody {
@@ -234,15 +452,7 @@ fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
             cause: Box::new(e),
         };
     }
-    match certificate {
-        Some(reason) => UpstreamError::Certificate {
-            reason,
-            cause: Box::new(e),
-        },
-        None if e.is_connect() && timed_out => UpstreamError::ConnectTimeout(Box::new(e)),
-        None if e.is_connect() => UpstreamError::Connect(Box::new(e)),
-        None => UpstreamError::Other(Box::new(e)),
-    }
+    UpstreamError::Other(Box::new(e))
 }
 
 /// What an IT person needs to hear about a refused upstream certificate.

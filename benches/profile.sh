@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Where ehrgate's CPU goes on one hot path, before choosing what to change (issue 13):
+# the same set-up as benches/load.sh (fixed nginx upstream on CPU $LOAD_CPU, ehrgate
+# pinned to CPU $PROXY_CPU, one live EHR session), wrk saturating TARGET while
+# `perf record -e cpu-clock` samples ehrgate; then ehrgate's user and system time
+# per request, and perf's flat profile. Loopback only.
+#
+#   bash benches/profile.sh            # TARGET=ehr (viewer host) or emr; DURATION=10 CONNS=50
+#   GATE_BIN=path bash benches/profile.sh   # another build
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+TARGET=${TARGET:-ehr}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-50}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+UP_PORT=18084 GATE_PORT=19450 ADMIN_PORT=19098
+EMR=emr.bench.localhost EHR=ehr.bench.localhost
+WORK=$(mktemp -d)
+OUT=$ROOT/target/load
+mkdir -p "$OUT"
+cleanup() {
+  [ -n "${GATE_PID:-}" ] && kill "$GATE_PID" 2>/dev/null || true
+  [ -f "$WORK/upstream.pid" ] && kill "$(cat "$WORK/upstream.pid")" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# shellcheck source=benches/common.sh
+. "$ROOT/benches/common.sh"
+need nginx:nginx-light wrk:wrk openssl:openssl curl:curl perf:linux-perf
+if [ -z "${GATE_BIN:-}" ]; then
+  cargo build --release --locked -q
+  GATE_BIN=$ROOT/target/release/ehrgate
+fi
+
+make_keys
+start_upstream "$UP_PORT" "$LOAD_CPU"
+gate_config "$GATE_PORT" "$ADMIN_PORT" ehrgate
+taskset -c "$PROXY_CPU" "$GATE_BIN" run --config "$WORK/ehrgate.toml" > "$WORK/gate.out" 2> "$WORK/gate.err" &
+GATE_PID=$!
+for _ in $(seq 100); do grep -q serving "$WORK/gate.out" 2>/dev/null && break; sleep 0.1; done
+grep -q serving "$WORK/gate.out" || { cat "$WORK/gate.err" >&2; exit 1; }
+
+case $TARGET in
+  ehr)
+    TOKEN=$(new_session bench-profile "$GATE_PORT")
+    [ -n "$TOKEN" ] || { echo "could not open a viewer session" >&2; exit 1; }
+    ARGS=(-H "Host: $EHR:$GATE_PORT" -H "Cookie: __Host-ehrgate=$TOKEN" "https://127.0.0.1:$GATE_PORT/chart") ;;
+  emr) ARGS=(-H "Host: $EMR:$GATE_PORT" "https://127.0.0.1:$GATE_PORT/oscar/provider/providercontrol.jsp") ;;
+  *) echo "TARGET is ehr or emr" >&2; exit 2 ;;
+esac
+
+# A warm-up, then the measured run under perf.
+taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d2s "${ARGS[@]}" >/dev/null
+read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$GATE_PID/stat")
+perf record -q -e cpu-clock -F 2999 -p "$GATE_PID" -o "$WORK/perf.data" -- sleep "$DURATION" 2>/dev/null &
+PERF_PID=$!
+out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" "${ARGS[@]}")
+wait "$PERF_PID" || true
+read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$GATE_PID/stat")
+reqs=$(awk '/requests in/ {print $1}' <<< "$out")
+hz=$(getconf CLK_TCK)
+{
+  echo "# profile of $TARGET — $(date -u +%Y-%m-%dT%H:%M:%SZ), $($GATE_BIN --version)"
+  awk -v r="$reqs" -v d="$DURATION" -v u="$((u1 - u0))" -v s="$((s1 - s0))" -v hz="$hz" \
+    'BEGIN {printf "%.0f req/s; user %.2f µs/req, system %.2f µs/req (perf on: slightly more than without)\n", r / d, u / hz / r * 1e6, s / hz / r * 1e6}'
+  echo
+  echo "share of samples: user space (ehrgate and its libraries) vs kernel"
+  perf report -i "$WORK/perf.data" --sort dso --stdio 2>/dev/null | grep -v '^#' | awk 'NF {printf "  %-8s %s\n", $1, $2}' | head -6
+  echo
+  perf report -i "$WORK/perf.data" --sort symbol --percent-limit 0.6 --stdio 2>/dev/null \
+    | grep -v '^#' | awk 'NF {$1=$1; print "  " substr($0, 1, 150)}' | head -70
+  echo
+  echo "user-space samples by crate (% of all samples)"
+  perf report -i "$WORK/perf.data" --sort dso,symbol --stdio 2>/dev/null | python3 -c '
+import re, sys, collections
+by = collections.Counter()
+for line in sys.stdin:
+    m = re.match(r"\s*([\d.]+)%\s+(\S+)\s+\[(.)\]\s+(.*)", line)
+    if not m or m.group(3) == "k":
+        continue
+    sym = m.group(4).strip().lstrip("<")
+    crate = m.group(2) if m.group(2) != "ehrgate" else re.split(r"::|<| as ", sym)[0] or sym
+    by[crate] += float(m.group(1))
+for crate, share in by.most_common(16):
+    print(f"  {share:6.2f}%  {crate}")
+'
+} | tee "$OUT/profile-$TARGET.txt"
+cp "$WORK/perf.data" "$OUT/perf-$TARGET.data"
