@@ -2,6 +2,8 @@
 # ehrgate against nginx, on this machine, in the same run.
 #
 #   bash benches/load.sh            # DURATION=10 CONNS=50 REPEATS=3 RATE=5000 by default
+#   QUICK=1 ONLY="nginx haproxy emr ehr" bash benches/load.sh
+#                                   # throughput and latency only, of the targets named
 #
 # Builds ehrgate (release), installs what it lacks (wrk, nginx-light, openssl; oha with
 # cargo install unless SKIP_OHA=1), starts one fixed upstream (nginx, plain HTTP) on
@@ -188,6 +190,7 @@ if [ -n "$BASE_PID" ]; then
   [ -n "$BASE_TOKEN" ] || { echo "could not open a viewer session on BASE_BIN" >&2; cat "$WORK/base.err" >&2; exit 1; }
   TARGETS="$TARGETS emr-base ehr-base"
 fi
+TARGETS=${ONLY:-$TARGETS}
 
 target_args() { # name -> URL and headers for wrk/oha
   case $1 in
@@ -248,6 +251,33 @@ if command -v oha >/dev/null; then
       log "  run $rep $t: p50 ${p50} ms, p99 ${p99} ms ($ok answered 2xx)"
     done
   done
+fi
+
+m() { echo "$1" | tr ' ' '\n' | { grep -v '^$' || true; } | median; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b + 0 == 0 || a == "n/a") print "n/a"; else printf "%.2f", a / b}'; }
+summary() {
+  log ""
+  log "## Summary (medians of $REPEATS)"
+  log ""
+  log "| target | req/s | proxy CPU µs/req | p50 ms @${RATE}/s | p99 ms @${RATE}/s | req/s ÷ nginx | CPU ÷ nginx | p50 ÷ nginx | p99 ÷ nginx |"
+  log "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  for t in $TARGETS; do
+    r=$(m "${RPS[$t]}"); c=$(m "${CPU[$t]}"); a=$(m "${P50[$t]:-}"); b=$(m "${P99[$t]:-}")
+    if [ "$t" = direct ]; then c="—"; fi
+    log "| $t | $r | $c | $a | $b | $(ratio "$r" "$(m "${RPS[nginx]:-}")") | $( [ "$t" = direct ] && echo — || ratio "$c" "$(m "${CPU[nginx]:-}")") | $(ratio "$a" "$(m "${P50[nginx]:-}")") | $(ratio "$b" "$(m "${P99[nginx]:-}")") |"
+  done
+  log ""
+  log "| against HAProxy | req/s ÷ haproxy | CPU ÷ haproxy | p50 ÷ haproxy | p99 ÷ haproxy |"
+  log "| --- | --- | --- | --- | --- |"
+  for t in $TARGETS; do
+    case $t in direct | haproxy) continue ;; esac
+    log "| $t | $(ratio "$(m "${RPS[$t]}")" "$(m "${RPS[haproxy]:-}")") | $(ratio "$(m "${CPU[$t]}")" "$(m "${CPU[haproxy]:-}")") | $(ratio "$(m "${P50[$t]:-}")" "$(m "${P50[haproxy]:-}")") | $(ratio "$(m "${P99[$t]:-}")" "$(m "${P99[haproxy]:-}")") |"
+  done
+}
+if [ -n "${QUICK:-}" ]; then
+  summary
+  echo "results: $RESULTS" >&2
+  exit 0
 fi
 
 log ""
@@ -381,24 +411,7 @@ read -r PROP50 PROP99 PROPMAX PROPN <<< "$PROP"
 log "  p50 ${PROP50} ms, p99 ${PROP99} ms, max ${PROPMAX} ms over $PROPN sign-outs"
 
 # --- summary -----------------------------------------------------------------------
-m() { echo "$1" | tr ' ' '\n' | { grep -v '^$' || true; } | median; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b + 0 == 0 || a == "n/a") print "n/a"; else printf "%.2f", a / b}'; }
-log ""
-log "## Summary (medians of $REPEATS)"
-log ""
-log "| target | req/s | proxy CPU µs/req | p50 ms @${RATE}/s | p99 ms @${RATE}/s | req/s ÷ nginx | CPU ÷ nginx | p50 ÷ nginx | p99 ÷ nginx |"
-log "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-for t in $TARGETS; do
-  r=$(m "${RPS[$t]}"); c=$(m "${CPU[$t]}"); a=$(m "${P50[$t]:-}"); b=$(m "${P99[$t]:-}")
-  if [ "$t" = direct ]; then c="—"; fi
-  log "| $t | $r | $c | $a | $b | $(ratio "$r" "$(m "${RPS[nginx]}")") | $( [ "$t" = direct ] && echo — || ratio "$c" "$(m "${CPU[nginx]}")") | $(ratio "$a" "$(m "${P50[nginx]:-}")") | $(ratio "$b" "$(m "${P99[nginx]:-}")") |"
-done
-log ""
-log "| against HAProxy | req/s ÷ haproxy | CPU ÷ haproxy | p50 ÷ haproxy | p99 ÷ haproxy |"
-log "| --- | --- | --- | --- | --- |"
-for t in nginx emr ehr; do
-  log "| $t | $(ratio "$(m "${RPS[$t]}")" "$(m "${RPS[haproxy]}")") | $(ratio "$(m "${CPU[$t]}")" "$(m "${CPU[haproxy]}")") | $(ratio "$(m "${P50[$t]:-}")" "$(m "${P50[haproxy]:-}")") | $(ratio "$(m "${P99[$t]:-}")" "$(m "${P99[haproxy]:-}")") |"
-done
+summary
 log ""
 log "| redis store vs memory store | ehrgate CPU µs/req (memory) | ehrgate CPU µs/req (redis) | + redis-server µs/req | (redis + redis-server) ÷ memory | p50 added ms @${RATE}/s | p99 added ms @${RATE}/s |"
 log "| --- | --- | --- | --- | --- | --- | --- |"

@@ -139,6 +139,11 @@ fn values_that_could_not_run_are_refused_at_load() {
             "filter = \"ehrgate=loudest\"",
             &["log.filter", "not a log filter"],
         ),
+        (
+            "[emr]\n",
+            "[emr]\nupstream_http2 = true\n",
+            &["emr.upstream_http2", "https:// upstream only"],
+        ),
     ];
     for (at, with, fragments) in cases {
         assert!(base.contains(at), "{at}");

@@ -13,3 +13,4 @@ mod lifecycle;
 mod proxy;
 mod reload;
 mod replicas;
+mod upstreams;
