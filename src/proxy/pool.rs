@@ -182,6 +182,8 @@ pub struct Pool {
 struct Slot {
     idle: VecDeque<Idle>,
     h2: Vec<(usize, H2)>,
+    /// A task is closing this slot's connections as they pass `idle_timeout`.
+    reaping: bool,
 }
 
 struct Idle {
@@ -249,13 +251,18 @@ impl Pool {
         });
     }
 
-    fn keep(&self, conn: H1) {
+    fn keep(self: &Arc<Self>, conn: H1) {
         let now = Instant::now();
-        let mut slot = self.slot(conn.home);
+        let home = conn.home;
+        let mut slot = self.slot(home);
         slot.evict(now, self.idle_timeout);
         slot.idle.push_back(Idle { conn, since: now });
         while slot.idle.len() > self.max_idle {
             slot.idle.pop_front();
+        }
+        if !slot.reaping {
+            slot.reaping = true;
+            tokio::spawn(reap(Arc::downgrade(self), home));
         }
     }
 
@@ -297,6 +304,27 @@ impl Slot {
         {
             self.idle.pop_front();
         }
+    }
+}
+
+/// Closes the idle connections of `thread`'s slot as they pass the idle limit, even
+/// when no request comes to notice; ends when the slot is empty or the pool is gone (a
+/// reload replaced it).
+async fn reap(pool: std::sync::Weak<Pool>, thread: usize) {
+    loop {
+        let deadline = {
+            let Some(pool) = pool.upgrade() else { return };
+            let mut slot = pool.slot(thread);
+            slot.evict(Instant::now(), pool.idle_timeout);
+            match slot.idle.front() {
+                Some(oldest) => oldest.since + pool.idle_timeout,
+                None => {
+                    slot.reaping = false;
+                    return;
+                }
+            }
+        };
+        tokio::time::sleep_until(deadline.into()).await;
     }
 }
 
@@ -446,6 +474,24 @@ mod tests {
             "an expired connection is not used"
         );
         assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_without_a_request_to_notice() {
+        let (addr, _) = upstream().await;
+        let pool = Pool::new(8, Duration::from_millis(300));
+        exchange(&pool, addr).await.collect().await.unwrap();
+        assert_eq!(pool.idle_count(), 1);
+        // No request comes: the reaper closes it once past the limit.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pool.idle_count() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "still open long after its idle limit"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!pool.slot(thread_index()).reaping, "the reaper ended");
     }
 
     #[tokio::test]

@@ -178,7 +178,7 @@ impl Upstream {
         let parsed = UpstreamUrl::parse(&format!("{key}.upstream"), url)?;
         if http2 && !parsed.https {
             return Err(ConfigError::new(
-                &format!("{key}.upstream_http2"),
+                format!("{key}.upstream_http2"),
                 "applies to an https:// upstream only (HTTP/2 is agreed in the TLS handshake); \
                  set it to false or use https://",
             ));
@@ -194,7 +194,7 @@ impl Upstream {
             let bare = host.trim_start_matches('[').trim_end_matches(']');
             let name = ServerName::try_from(bare.to_owned()).map_err(|_| {
                 ConfigError::new(
-                    &format!("{key}.upstream"),
+                    format!("{key}.upstream"),
                     format!("{host} is not a host name a TLS certificate can be checked against"),
                 )
             })?;
@@ -219,7 +219,7 @@ impl Upstream {
         Ok(Self {
             scheme,
             host: HeaderValue::from_str(&host_header)
-                .map_err(|e| ConfigError::new(&format!("{key}.upstream"), e.to_string()))?,
+                .map_err(|e| ConfigError::new(format!("{key}.upstream"), e.to_string()))?,
             authority: parsed.authority,
             tls,
             pool: Pool::new(POOL_MAX_IDLE, server.upstream_idle_timeout.get()),

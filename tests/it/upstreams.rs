@@ -46,7 +46,9 @@ async fn counting_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
 #[tokio::test]
 async fn upstream_connections_are_kept_and_reused() {
     let (addr, accepted) = counting_upstream().await;
-    let gate = Gate::start(Setup::new(addr, addr)).await;
+    // Connections are kept per worker thread: with one worker, every client connection
+    // lands on the same pool.
+    let gate = Gate::start(Setup::new(addr, addr).server("workers = 1")).await;
     let mut h1 = gate.client().h1(EMR).await;
     for i in 0..20 {
         let r = h1.get(EMR, &format!("/oscar/index.jsp?n={i}")).await;
@@ -103,7 +105,7 @@ async fn a_kept_connection_the_upstream_closed_costs_no_request() {
             closed_tx.send(()).unwrap();
         }
     });
-    let gate = Gate::start(Setup::new(addr, addr)).await;
+    let gate = Gate::start(Setup::new(addr, addr).server("workers = 1")).await;
     let mut h1 = gate.client().h1(EMR).await;
     let r = h1.get(EMR, "/oscar/a").await;
     assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "ok"));
