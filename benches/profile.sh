@@ -74,10 +74,10 @@ hz=$(getconf CLK_TCK)
   echo "(perf's sampling adds to both)"
   echo
   echo "share of samples: user space (ehrgate and its libraries) vs kernel"
-  perf report -i "$WORK/perf.data" --sort dso --stdio 2>/dev/null | grep -v '^#' | awk 'NF {printf "  %-8s %s\n", $1, $2}' | head -6
+  perf report -i "$WORK/perf.data" --sort dso --stdio 2>/dev/null | grep -v '^#' | awk 'NF {printf "  %-8s %s\n", $1, $2}' | head -6 || true
   echo
-  perf report -i "$WORK/perf.data" --sort symbol --percent-limit 0.6 --stdio 2>/dev/null \
-    | grep -v '^#' | awk 'NF {$1=$1; print "  " substr($0, 1, 150)}' | head -70
+  perf report -i "$WORK/perf.data" --sort symbol --percent-limit 0.6 --stdio -g none 2>/dev/null \
+    | grep -v '^#' | awk 'NF {$1=$1; print "  " substr($0, 1, 150)}' | head -70 || true
   echo
   echo "user-space samples by crate (% of all samples)"
   perf report -i "$WORK/perf.data" --sort dso,symbol --stdio 2>/dev/null | python3 -c '
