@@ -10,8 +10,11 @@
 //! unknown state.
 //!
 //! An HTTP/2 connection (only where the upstream chose `h2` in ALPN, and only when the
-//! configuration offers it) is shared by every request of its thread and driven by a
-//! task of its own, as multiplexing needs.
+//! configuration offers it) is driven by a task of its own, as multiplexing needs, and
+//! shared by the requests of its thread, at most [`H2_STREAMS`] at a time: more
+//! requests open another connection, so a client holding many streams (or not reading
+//! them) cannot take every stream the upstream allows, and its receive windows are
+//! sized so that its streams cannot use up the connection's window either.
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -33,6 +36,13 @@ use crate::body::{Body, Lease};
 
 /// Idle lists per upstream; a thread uses the one its index falls on.
 const SLOTS: usize = 32;
+
+/// Streams one HTTP/2 upstream connection carries at once; the connection's receive
+/// window is this many stream windows.
+pub const H2_STREAMS: usize = 32;
+
+/// HTTP/2 connections kept per upstream and thread.
+const H2_KEPT: usize = 16;
 
 /// The socket under an upstream connection.
 pub enum Stream {
@@ -169,7 +179,64 @@ impl H1 {
 }
 
 /// An HTTP/2 connection shared by the requests of one thread.
-pub type H2 = http2::SendRequest<Body>;
+pub struct H2 {
+    sender: http2::SendRequest<Body>,
+    /// Streams open on it (held by [`H2Stream`]s).
+    streams: Arc<AtomicUsize>,
+    home: usize,
+    last_used: Instant,
+}
+
+impl H2 {
+    pub fn new(sender: http2::SendRequest<Body>) -> Self {
+        Self {
+            sender,
+            streams: Arc::default(),
+            home: thread_index(),
+            last_used: Instant::now(),
+        }
+    }
+
+    fn stream(&mut self) -> H2Stream {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        self.last_used = Instant::now();
+        H2Stream {
+            sender: self.sender.clone(),
+            streams: self.streams.clone(),
+        }
+    }
+
+    fn idle_since(&self, now: Instant) -> Option<Duration> {
+        (self.streams.load(Ordering::Relaxed) == 0).then(|| now.duration_since(self.last_used))
+    }
+}
+
+/// One stream's hold on an HTTP/2 connection: taken before the request is sent, given
+/// up when its response body ends or is dropped.
+pub struct H2Stream {
+    sender: http2::SendRequest<Body>,
+    streams: Arc<AtomicUsize>,
+}
+
+impl H2Stream {
+    pub fn sender(&mut self) -> &mut http2::SendRequest<Body> {
+        &mut self.sender
+    }
+}
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        self.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Lease for H2Stream {
+    fn poll_drive(&mut self, _cx: &mut Context<'_>) {
+        // The connection's own task drives it.
+    }
+
+    fn release(self: Box<Self>) {}
+}
 
 /// The idle connections of one upstream.
 pub struct Pool {
@@ -181,7 +248,7 @@ pub struct Pool {
 #[derive(Default)]
 struct Slot {
     idle: VecDeque<Idle>,
-    h2: Vec<(usize, H2)>,
+    h2: Vec<H2>,
     /// A task is closing this slot's connections as they pass `idle_timeout`.
     reaping: bool,
 }
@@ -260,29 +327,41 @@ impl Pool {
         while slot.idle.len() > self.max_idle {
             slot.idle.pop_front();
         }
+        self.watch(&mut slot, home);
+    }
+
+    /// Starts the task that closes `thread`'s idle connections, unless it runs.
+    fn watch(self: &Arc<Self>, slot: &mut Slot, thread: usize) {
         if !slot.reaping {
             slot.reaping = true;
-            tokio::spawn(reap(Arc::downgrade(self), home));
+            tokio::spawn(reap(Arc::downgrade(self), thread));
         }
     }
 
-    /// This thread's HTTP/2 connection, if it has a live one.
-    pub fn h2(&self) -> Option<H2> {
+    /// A stream on one of this thread's live HTTP/2 connections that has room for it.
+    pub fn h2(&self) -> Option<H2Stream> {
         let me = thread_index();
         let mut slot = self.slot(me);
-        slot.h2.retain(|(_, s)| !s.is_closed());
+        slot.h2.retain(|c| !c.sender.is_closed());
         slot.h2
-            .iter()
-            .find(|(home, _)| *home == me)
-            .map(|(_, s)| s.clone())
+            .iter_mut()
+            .find(|c| c.home == me && c.streams.load(Ordering::Relaxed) < H2_STREAMS)
+            .map(H2::stream)
     }
 
-    /// Keeps an HTTP/2 connection for this thread's next requests.
-    pub fn set_h2(&self, sender: H2) {
-        let me = thread_index();
-        let mut slot = self.slot(me);
-        slot.h2.retain(|(home, s)| *home != me && !s.is_closed());
-        slot.h2.push((me, sender));
+    /// Keeps a new HTTP/2 connection for this thread's requests (unless it has
+    /// [`H2_KEPT`] already: then it serves this one request and closes), and returns a
+    /// stream on it.
+    pub fn add_h2(self: &Arc<Self>, mut conn: H2) -> H2Stream {
+        let stream = conn.stream();
+        let mut slot = self.slot(conn.home);
+        slot.h2.retain(|c| !c.sender.is_closed());
+        if slot.h2.len() < H2_KEPT {
+            let home = conn.home;
+            slot.h2.push(conn);
+            self.watch(&mut slot, home);
+        }
+        stream
     }
 
     #[cfg(test)]
@@ -295,15 +374,28 @@ impl Pool {
 }
 
 impl Slot {
-    /// Drops connections idle longer than `limit` (the oldest are at the front).
+    /// Drops connections idle for `limit` or longer (the oldest are at the front).
     fn evict(&mut self, now: Instant, limit: Duration) {
         while self
             .idle
             .front()
-            .is_some_and(|i| now.duration_since(i.since) > limit)
+            .is_some_and(|i| now.duration_since(i.since) >= limit)
         {
             self.idle.pop_front();
         }
+        self.h2
+            .retain(|c| !c.sender.is_closed() && c.idle_since(now).is_none_or(|idle| idle < limit));
+    }
+
+    /// When the next connection may pass the idle limit, if any is kept.
+    fn next_expiry(&self, now: Instant, limit: Duration) -> Option<Instant> {
+        let h1 = self.idle.front().map(|i| i.since + limit);
+        let h2 = self.h2.iter().map(|c| match c.idle_since(now) {
+            Some(idle) => now + limit.saturating_sub(idle),
+            // Busy: look again one limit later.
+            None => now + limit,
+        });
+        h1.into_iter().chain(h2).min()
     }
 }
 
@@ -311,20 +403,37 @@ impl Slot {
 /// when no request comes to notice; ends when the slot is empty or the pool is gone (a
 /// reload replaced it).
 async fn reap(pool: std::sync::Weak<Pool>, thread: usize) {
+    // However the task ends (its runtime may stop first), the next kept connection
+    // starts another.
+    let mut guard = Reaping(Some(pool.clone()), thread);
     loop {
         let deadline = {
             let Some(pool) = pool.upgrade() else { return };
             let mut slot = pool.slot(thread);
-            slot.evict(Instant::now(), pool.idle_timeout);
-            match slot.idle.front() {
-                Some(oldest) => oldest.since + pool.idle_timeout,
+            let now = Instant::now();
+            slot.evict(now, pool.idle_timeout);
+            match slot.next_expiry(now, pool.idle_timeout) {
+                Some(at) => at,
                 None => {
+                    // Under the lock: a connection kept from now on starts a new task.
                     slot.reaping = false;
+                    guard.0 = None;
                     return;
                 }
             }
         };
         tokio::time::sleep_until(deadline.into()).await;
+    }
+}
+
+/// Marks a slot as having no reaper when its reaper is dropped before it finished.
+struct Reaping(Option<std::sync::Weak<Pool>>, usize);
+
+impl Drop for Reaping {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.as_ref().and_then(std::sync::Weak::upgrade) {
+            pool.slot(self.1).reaping = false;
+        }
     }
 }
 

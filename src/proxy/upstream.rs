@@ -15,7 +15,9 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::pool::{Held, Pool, Stream, H1, H2};
+use hyper::client::conn::http2;
+
+use super::pool::{H2Stream, Held, Pool, Stream, H1, H2, H2_STREAMS};
 use crate::body::Body;
 use crate::config::{ConfigError, ServerConfig, UpstreamUrl};
 use crate::metrics::UpstreamFailure;
@@ -29,6 +31,11 @@ const POOL_MAX_IDLE: usize = 256;
 /// TCP keep-alive probes on upstream connections start after this much silence.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
+/// An HTTP/2 upstream connection with streams open is pinged this often, and closed
+/// when a ping goes unanswered this long.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
 pub struct Upstream {
     scheme: Scheme,
     authority: http::uri::Authority,
@@ -39,6 +46,9 @@ pub struct Upstream {
     pool: Arc<Pool>,
     connect_timeout: Duration,
     max_buf_size: usize,
+    /// HTTP/2 stream window (`stream_buffer_bytes`) and header limit.
+    h2_window: u32,
+    max_header_bytes: u32,
     response_timeout: Duration,
     body_timeout: Duration,
 }
@@ -220,11 +230,16 @@ impl Upstream {
             scheme,
             host: HeaderValue::from_str(&host_header)
                 .map_err(|e| ConfigError::new(format!("{key}.upstream"), e.to_string()))?,
-            authority: parsed.authority,
+            // `:authority` of HTTP/2 requests as `Host` of HTTP/1.1 ones.
+            authority: host_header
+                .parse()
+                .map_err(|_| ConfigError::new(format!("{key}.upstream"), "not a host and port"))?,
             tls,
             pool: Pool::new(POOL_MAX_IDLE, server.upstream_idle_timeout.get()),
             connect_timeout: server.upstream_connect_timeout.get(),
             max_buf_size: server.h1_buffer_bytes(),
+            h2_window: u32::try_from(server.stream_buffer_bytes).unwrap_or(u32::MAX),
+            max_header_bytes: u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX),
             response_timeout: server.upstream_response_timeout.get(),
             body_timeout: server.upstream_body_timeout.get(),
         })
@@ -255,49 +270,35 @@ impl Upstream {
 
     async fn exchange(&self, req: Request<Body>) -> Result<Response<Body>, UpstreamError> {
         // A protocol switch (WebSocket) needs HTTP/1.1 end to end.
-        let upgrade = req.headers().contains_key(http::header::UPGRADE);
-        if !upgrade && self.offers_h2() {
-            if let Some(h2) = self.pool.h2() {
-                return self.send_h2(h2, req).await;
-            }
-        }
-        let mut req = origin_form(req, &self.host);
+        let h2 = self.offers_h2() && !req.headers().contains_key(http::header::UPGRADE);
+        let mut req = req;
+        let mut h2_refusals = 0;
         loop {
-            let (mut conn, reused) = match self.pool.checkout() {
-                Some(conn) => (conn, true),
-                None => match self.connect(!upgrade).await? {
-                    Fresh::H1(conn) => (conn, false),
-                    Fresh::H2(h2) => {
-                        self.pool.set_h2(h2.clone());
-                        return self
-                            .send_h2(h2, absolute_form(req, &self.scheme, &self.authority))
-                            .await;
-                    }
-                },
+            let outcome = if let Some(stream) = h2.then(|| self.pool.h2()).flatten() {
+                self.send_h2(stream, req).await
+            } else if let Some(conn) = self.pool.checkout() {
+                self.send_h1(conn, true, req).await
+            } else {
+                match self.connect(h2).await? {
+                    Fresh::H1(conn) => self.send_h1(conn, false, req).await,
+                    Fresh::H2(conn) => self.send_h2(self.pool.add_h2(conn), req).await,
+                }
             };
-            match conn.send(req).await {
-                Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                    // The connection goes on alone to hand its socket to the tunnel.
-                    conn.detach();
-                    return Ok(resp.map(|b| Body::from_upstream(b, self.body_timeout, None)));
+            req = match outcome {
+                Outcome::Done(result) => return result,
+                Outcome::Again(req, Protocol::H1) => req,
+                // An HTTP/2 connection that was going away (GOAWAY) or had closed did
+                // not take it; a few times at most, should every new one refuse too.
+                Outcome::Again(req, Protocol::H2) if h2_refusals < 3 => {
+                    h2_refusals += 1;
+                    req
                 }
-                Ok(resp) => {
-                    let lease = Box::new(Held::new(conn, self.pool.clone()));
-                    return Ok(resp.map(|b| Body::from_upstream(b, self.body_timeout, Some(lease))));
+                Outcome::Again(..) => {
+                    return Err(UpstreamError::Other(
+                        "the upstream's HTTP/2 connections kept refusing new requests".into(),
+                    ))
                 }
-                Err(mut e) => {
-                    let e = match e.take_message() {
-                        // A kept connection the upstream had closed never took the
-                        // request: send it on another.
-                        Some(again) if reused => {
-                            req = again;
-                            continue;
-                        }
-                        _ => e.into_error(),
-                    };
-                    return Err(classify(e));
-                }
-            }
+            };
         }
     }
 
@@ -305,31 +306,69 @@ impl Upstream {
         self.tls.as_ref().is_some_and(|t| t.h2.is_some())
     }
 
-    async fn send_h2(
-        &self,
-        mut h2: H2,
-        req: Request<Body>,
-    ) -> Result<Response<Body>, UpstreamError> {
-        let mut req = req;
-        req.headers_mut().remove(HOST);
-        *req.version_mut() = Version::HTTP_2;
-        h2.ready().await.map_err(classify)?;
-        match h2.send_request(req).await {
-            Ok(resp) => Ok(resp.map(|b| Body::from_upstream(b, self.body_timeout, None))),
-            Err(e) => Err(classify(e)),
+    /// Sends on an HTTP/1.1 connection; a request a kept connection (`reused`) never
+    /// took comes back to go out on another.
+    async fn send_h1(&self, mut conn: H1, reused: bool, req: Request<Body>) -> Outcome {
+        let req = origin_form(req, &self.host);
+        let done = match conn.send(req).await {
+            Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                // The connection goes on alone to hand its socket to the tunnel.
+                conn.detach();
+                Ok(resp.map(|b| Body::from_upstream(b, self.body_timeout, None)))
+            }
+            Ok(resp) => {
+                let lease = Box::new(Held::new(conn, self.pool.clone()));
+                Ok(resp.map(|b| Body::from_upstream(b, self.body_timeout, Some(lease))))
+            }
+            Err(mut e) => match e.take_message() {
+                // A kept connection the upstream had closed: it never saw the request.
+                Some(again) if reused => return Outcome::Again(again, Protocol::H1),
+                _ => Err(classify(e.into_error())),
+            },
+        };
+        Outcome::Done(done)
+    }
+
+    /// Sends on an HTTP/2 connection; a request it did not take (it was going away, or
+    /// had closed) comes back to go out on another.
+    async fn send_h2(&self, mut stream: H2Stream, req: Request<Body>) -> Outcome {
+        let (mut parts, body) = req.into_parts();
+        parts.uri = absolute_uri(&parts.uri, &self.scheme, &self.authority);
+        parts.headers.remove(HOST);
+        parts.version = Version::HTTP_2;
+        let req = Request::from_parts(parts, body);
+        if stream.sender().ready().await.is_err() {
+            return Outcome::Again(req, Protocol::H2);
+        }
+        match stream.sender().try_send_request(req).await {
+            Ok(resp) => {
+                Outcome::Done(Ok(resp.map(|b| {
+                    Body::from_upstream(b, self.body_timeout, Some(Box::new(stream)))
+                })))
+            }
+            Err(mut e) => match e.take_message() {
+                Some(again) => Outcome::Again(again, Protocol::H2),
+                None => Outcome::Done(Err(classify(e.into_error()))),
+            },
         }
     }
 
-    /// A new connection within `upstream_connect_timeout` (TCP, then TLS for https).
+    /// A new connection: TCP, TLS for https and the HTTP handshake, all within
+    /// `upstream_connect_timeout`.
     async fn connect(&self, h2: bool) -> Result<Fresh, UpstreamError> {
-        let tcp = tokio::time::timeout(self.connect_timeout, self.connect_tcp())
-            .await
-            .map_err(|_| {
-                UpstreamError::ConnectTimeout(Box::new(std::io::Error::new(
+        match tokio::time::timeout(self.connect_timeout, self.connect_within(h2)).await {
+            Ok(fresh) => fresh,
+            Err(_) => Err(UpstreamError::ConnectTimeout(Box::new(
+                std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    "no TCP connection within upstream_connect_timeout",
-                )))
-            })??;
+                    "no connection within upstream_connect_timeout",
+                ),
+            ))),
+        }
+    }
+
+    async fn connect_within(&self, h2: bool) -> Result<Fresh, UpstreamError> {
+        let tcp = self.connect_tcp().await?;
         let Some(tls) = &self.tls else {
             return self.handshake_h1(Stream::Plain(tcp)).await;
         };
@@ -342,15 +381,26 @@ impl Upstream {
             .await
             .map_err(connect_error)?;
         if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-            let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                // Windows as on the client side (`stream_buffer_bytes` a stream), the
+                // connection's large enough for every stream it carries, so streams
+                // nobody reads cannot stall the others.
+                .adaptive_window(false)
+                .initial_stream_window_size(self.h2_window)
+                .initial_connection_window_size(self.h2_window.saturating_mul(H2_STREAMS as u32))
+                .max_send_buf_size(self.h2_window as usize)
+                .max_header_list_size(self.max_header_bytes)
+                // A connection that stops answering is found and closed.
+                .keep_alive_interval(H2_PING_INTERVAL)
+                .keep_alive_timeout(H2_PING_TIMEOUT)
                 .handshake(TokioIo::new(Stream::Tls(Box::new(stream))))
                 .await
                 .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
-            return Ok(Fresh::H2(sender));
+            return Ok(Fresh::H2(H2::new(sender)));
         }
         self.handshake_h1(Stream::Tls(Box::new(stream))).await
     }
@@ -362,7 +412,9 @@ impl Upstream {
             .map_err(|e| UpstreamError::Connect(Box::new(e)))
     }
 
-    /// TCP to the first of the upstream's addresses that answers.
+    /// TCP to the first of the upstream's addresses that answers, each tried for an
+    /// equal share of the connect time (so an unreachable first address, such as an
+    /// IPv6 one on a network without IPv6, leaves time for the next).
     async fn connect_tcp(&self) -> Result<TcpStream, UpstreamError> {
         let host = self.authority.host();
         let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -374,16 +426,23 @@ impl Upstream {
             .await
             .map_err(connect_error)?
             .collect();
+        let share = self.connect_timeout / addrs.len().max(1) as u32;
         let mut last = None;
         for addr in addrs {
-            match TcpStream::connect(addr).await {
-                Ok(tcp) => {
+            match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+                Ok(Ok(tcp)) => {
                     let _ = tcp.set_nodelay(true);
                     let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
                     let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
                     return Ok(tcp);
                 }
-                Err(e) => last = Some(e),
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => {
+                    last = Some(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("{addr} did not answer in its share of upstream_connect_timeout"),
+                    ))
+                }
             }
         }
         Err(connect_error(last.unwrap_or_else(|| {
@@ -393,6 +452,18 @@ impl Upstream {
             )
         })))
     }
+}
+
+/// What became of a request sent on one connection.
+enum Outcome {
+    Done(Result<Response<Body>, UpstreamError>),
+    /// The connection never took the request: send it on another.
+    Again(Request<Body>, Protocol),
+}
+
+enum Protocol {
+    H1,
+    H2,
 }
 
 /// An HTTP/1.1 request line names only the path; the upstream's name goes in `Host`.
@@ -406,20 +477,16 @@ fn origin_form(req: Request<Body>, host: &HeaderValue) -> Request<Body> {
 }
 
 /// An HTTP/2 request names scheme and authority (`:scheme`, `:authority`), no `Host`.
-fn absolute_form(
-    req: Request<Body>,
-    scheme: &Scheme,
-    authority: &http::uri::Authority,
-) -> Request<Body> {
-    let (mut parts, body) = req.into_parts();
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(scheme.clone());
-    uri.authority = Some(authority.clone());
-    uri.path_and_query = parts.uri.path_and_query().cloned();
-    if let Ok(u) = Uri::from_parts(uri) {
-        parts.uri = u;
-    }
-    Request::from_parts(parts, body)
+fn absolute_uri(uri: &Uri, scheme: &Scheme, authority: &http::uri::Authority) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(scheme.clone());
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).expect("scheme, authority and path make a valid URI")
 }
 
 /// Why no connection could be made: a refused certificate, a time limit, or the rest.

@@ -181,3 +181,131 @@ async fn an_https_upstream_without_the_option_is_reached_over_http1() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["version"], "HTTP/1.1");
 }
+
+/// An HTTPS upstream speaking HTTP/2 only, that ends each connection gracefully (GOAWAY)
+/// after `per_connection` requests, as servers do on a request limit or a reload.
+/// Returns its address, the requests it answered and the connections it accepted.
+async fn h2_upstream_with_goaway(
+    tls: Arc<rustls::ServerConfig>,
+    per_connection: usize,
+) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let mut tls = (*tls).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (answered, accepted) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (total, conns) = (answered.clone(), accepted.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            conns.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, total) = (acceptor.clone(), total.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let served = Arc::new(AtomicUsize::new(0));
+                let enough = Arc::new(tokio::sync::Notify::new());
+                let (count, full) = (served.clone(), enough.clone());
+                let service = service_fn(move |req| {
+                    let (count, full, total) = (count.clone(), full.clone(), total.clone());
+                    async move {
+                        total.fetch_add(1, Ordering::SeqCst);
+                        if count.fetch_add(1, Ordering::SeqCst) + 1 == per_connection {
+                            full.notify_one();
+                        }
+                        Ok::<_, std::convert::Infallible>(echo("emr", req).await)
+                    }
+                });
+                let conn =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service);
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = enough.notified() => conn.as_mut().graceful_shutdown(),
+                }
+                let _ = conn.await;
+            });
+        }
+    });
+    (addr, answered, accepted)
+}
+
+#[tokio::test]
+async fn an_http2_upstream_going_away_costs_no_request() {
+    let ca = TestCa::new("the clinic's CA");
+    let (addr, answered, accepted) = h2_upstream_with_goaway(ca.server(&[LOOPBACK]), 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = ca.write(dir.path(), "ca.pem");
+    let mut setup = Setup::new(addr, addr)
+        .emr(&format!("upstream_ca = {ca_path:?}\nupstream_http2 = true"))
+        .server("workers = 1");
+    setup.emr_upstream = format!("https://{addr}");
+    let gate = Gate::start(setup).await;
+    let client = gate.client();
+    let mut h1 = client.h1(EMR).await;
+    for i in 0..12 {
+        let r = h1.get(EMR, &format!("/oscar/one?n={i}")).await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert_eq!(r.json()["version"], "HTTP/2.0");
+    }
+    // At once, so that some are queued on a connection when its GOAWAY arrives.
+    let many = (0..24).map(|i| {
+        let client = client.clone();
+        async move { client.get(EMR, &format!("/oscar/many?n={i}")).await }
+    });
+    for (i, r) in futures_util::future::join_all(many)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(r.status, 200, "concurrent request {i}: {}", r.text());
+    }
+    assert_eq!(
+        answered.load(Ordering::SeqCst),
+        36,
+        "each request answered once"
+    );
+    let accepted = accepted.load(Ordering::SeqCst);
+    assert!(accepted >= 2, "connections went away: {accepted}");
+}
+
+#[tokio::test]
+async fn clients_that_do_not_read_cannot_stall_others_on_a_shared_http2_upstream() {
+    let ca = TestCa::new("the clinic's CA");
+    let echo = Echo::start_tls("emr", ca.server(&[LOOPBACK])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = ca.write(dir.path(), "ca.pem");
+    let mut setup = Setup::new(echo.addr, echo.addr)
+        .emr(&format!("upstream_ca = {ca_path:?}\nupstream_http2 = true"))
+        .server("workers = 1");
+    setup.emr_upstream = format!("https://{}", echo.addr);
+    let gate = Gate::start(setup).await;
+    let client = gate.client();
+    // Forty downloads whose clients never read past the response header: more than
+    // one connection's worth of streams, and more data than one connection's window.
+    let mut stalled = Vec::new();
+    for _ in 0..40 {
+        let mut c = client.h1(EMR).await;
+        let resp = c
+            .send(
+                H1::request(EMR, "/download?bytes=400000")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(resp.status(), 200);
+        stalled.push((c, resp));
+    }
+    // Another clinician's request still goes through at once (the limit is a wide
+    // margin: a stall would last until send_timeout, 60 s).
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        client.get(EMR, "/oscar/x"),
+    )
+    .await
+    .expect("not stalled behind streams nobody reads");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["version"], "HTTP/2.0");
+}
