@@ -19,7 +19,7 @@
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -42,7 +42,7 @@ const SLOTS: usize = 32;
 pub const H2_STREAMS: usize = 32;
 
 /// HTTP/2 connections kept per upstream and thread.
-const H2_KEPT: usize = 16;
+pub const H2_KEPT: usize = 16;
 
 /// The socket under an upstream connection.
 pub enum Stream {
@@ -190,7 +190,9 @@ pub struct H2 {
     /// Streams open on it (held by [`H2Stream`]s).
     streams: Arc<AtomicUsize>,
     home: usize,
-    last_used: Instant,
+    /// When a stream last ended, in milliseconds since `born`.
+    last_used: Arc<AtomicU64>,
+    born: Instant,
 }
 
 impl H2 {
@@ -199,21 +201,24 @@ impl H2 {
             sender,
             streams: Arc::default(),
             home: thread_index(),
-            last_used: Instant::now(),
+            last_used: Arc::default(),
+            born: Instant::now(),
         }
     }
 
     fn stream(&mut self) -> H2Stream {
         self.streams.fetch_add(1, Ordering::Relaxed);
-        self.last_used = Instant::now();
         H2Stream {
             sender: self.sender.clone(),
             streams: self.streams.clone(),
+            last_used: self.last_used.clone(),
+            born: self.born,
         }
     }
 
     fn idle_since(&self, now: Instant) -> Option<Duration> {
-        (self.streams.load(Ordering::Relaxed) == 0).then(|| now.duration_since(self.last_used))
+        let last = self.born + Duration::from_millis(self.last_used.load(Ordering::Relaxed));
+        (self.streams.load(Ordering::Relaxed) == 0).then(|| now.saturating_duration_since(last))
     }
 }
 
@@ -222,6 +227,8 @@ impl H2 {
 pub struct H2Stream {
     sender: http2::SendRequest<Body>,
     streams: Arc<AtomicUsize>,
+    last_used: Arc<AtomicU64>,
+    born: Instant,
 }
 
 impl H2Stream {
@@ -232,6 +239,9 @@ impl H2Stream {
 
 impl Drop for H2Stream {
     fn drop(&mut self) {
+        // Idle from the end of its last stream, not the start.
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_used.store(ms, Ordering::Relaxed);
         self.streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -362,8 +372,8 @@ impl Pool {
         let stream = conn.stream();
         let mut slot = self.slot(conn.home);
         slot.h2.retain(|c| !c.sender.is_closed());
-        if slot.h2.len() < H2_KEPT {
-            let home = conn.home;
+        let home = conn.home;
+        if slot.h2.iter().filter(|c| c.home == home).count() < H2_KEPT {
             slot.h2.push(conn);
             self.watch(&mut slot, home);
         }

@@ -17,7 +17,7 @@ use tokio_rustls::TlsConnector;
 
 use hyper::client::conn::http2;
 
-use super::pool::{H2Stream, Held, Pool, Stream, H1, H2, H2_STREAMS};
+use super::pool::{H2Stream, Held, Pool, Stream, H1, H2, H2_KEPT, H2_STREAMS};
 use crate::body::Body;
 use crate::config::{ConfigError, ServerConfig, UpstreamUrl};
 use crate::metrics::UpstreamFailure;
@@ -288,8 +288,9 @@ impl Upstream {
                 Outcome::Done(result) => return result,
                 Outcome::Again(req, Protocol::H1) => req,
                 // An HTTP/2 connection that was going away (GOAWAY) or had closed did
-                // not take it; a few times at most, should every new one refuse too.
-                Outcome::Again(req, Protocol::H2) if h2_refusals < 3 => {
+                // not take it. Each kept one that refused is closed, and so leaves the
+                // pool; beyond those, a few new ones, should every new one refuse too.
+                Outcome::Again(req, Protocol::H2) if h2_refusals < H2_KEPT + 3 => {
                     h2_refusals += 1;
                     req
                 }
@@ -394,6 +395,7 @@ impl Upstream {
                 // A connection that stops answering is found and closed.
                 .keep_alive_interval(H2_PING_INTERVAL)
                 .keep_alive_timeout(H2_PING_TIMEOUT)
+                .keep_alive_while_idle(true)
                 .handshake(TokioIo::new(Stream::Tls(Box::new(stream))))
                 .await
                 .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
@@ -426,9 +428,13 @@ impl Upstream {
             .await
             .map_err(connect_error)?
             .collect();
-        let share = self.connect_timeout / addrs.len().max(1) as u32;
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
         let mut last = None;
-        for addr in addrs {
+        let count = addrs.len();
+        for (i, addr) in addrs.into_iter().enumerate() {
+            // What is left, shared by the addresses not tried yet.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let share = left / (count - i) as u32;
             match tokio::time::timeout(share, TcpStream::connect(addr)).await {
                 Ok(Ok(tcp)) => {
                     let _ = tcp.set_nodelay(true);
