@@ -1,5 +1,27 @@
 # Shared by the load scripts (sourced): what they install, the key material and the
-# fixed upstream. Expects WORK (a scratch directory), EMR and EHR (host names).
+# fixed upstream. Expects WORK (a scratch directory), EMR and EHR (host names), which
+# one_gate_script sets for the scripts that run one ehrgate.
+
+# one_gate_script: what a script that runs one ehrgate (its pid in GATE_PID) in front
+# of the fixed upstream shares: its settings (each may come from the environment), a
+# scratch folder WORK, the results folder OUT, and a clean-up at exit.
+one_gate_script() {
+  DURATION=${DURATION:-10}
+  CONNS=${CONNS:-50}
+  PROXY_CPU=${PROXY_CPU:-0}
+  LOAD_CPU=${LOAD_CPU:-1}
+  EMR=emr.bench.localhost EHR=ehr.bench.localhost
+  WORK=$(mktemp -d)
+  OUT=$ROOT/target/load
+  mkdir -p "$OUT"
+  trap one_gate_cleanup EXIT
+}
+
+one_gate_cleanup() {
+  [ -n "${GATE_PID:-}" ] && kill "$GATE_PID" 2>/dev/null || true
+  [ -f "$WORK/upstream.pid" ] && kill "$(cat "$WORK/upstream.pid")" 2>/dev/null || true
+  rm -rf "$WORK"
+}
 
 # need COMMAND:PACKAGE...: installs the Debian packages whose command is missing
 # (idempotent), and stops the services packages start (these scripts run their own
@@ -80,6 +102,16 @@ path = "$WORK/audit-$3/audit.jsonl"
 [log]
 filter = "warn"
 CONF
+}
+
+# start_gate BINARY NAME: runs ehrgate with $WORK/NAME.toml on CPU $PROXY_CPU (output in
+# $WORK/NAME.out and .err), waits until it serves, and prints its pid.
+start_gate() {
+  taskset -c "$PROXY_CPU" "$1" run --config "$WORK/$2.toml" > "$WORK/$2.out" 2> "$WORK/$2.err" &
+  local pid=$!
+  for _ in $(seq 100); do grep -q serving "$WORK/$2.out" 2>/dev/null && break; sleep 0.1; done
+  grep -q serving "$WORK/$2.out" || { cat "$WORK/$2.err" >&2; exit 1; }
+  echo "$pid"
 }
 
 # A viewer session, as a browser gets one: launch on the EMR host (from the EMR's own

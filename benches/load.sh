@@ -143,13 +143,6 @@ HAPROXY_PID=$(head -1 "$WORK/haproxy.pid")
 PIDS+=("$HAPROXY_PID")
 
 # --- ehrgate -----------------------------------------------------------------------
-start_gate() { # binary name -> pid
-  taskset -c "$PROXY_CPU" "$1" run --config "$WORK/$2.toml" > "$WORK/$2.out" 2> "$WORK/$2.err" &
-  local pid=$!
-  for _ in $(seq 100); do grep -q serving "$WORK/$2.out" 2>/dev/null && break; sleep 0.1; done
-  grep -q serving "$WORK/$2.out" || { cat "$WORK/$2.err" >&2; exit 1; }
-  echo "$pid"
-}
 gate_config "$GATE_PORT" "$ADMIN_PORT" ehrgate
 GATE_PID=$(start_gate "$GATE_BIN" ehrgate)
 PIDS+=("$GATE_PID")

@@ -10,28 +10,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-SESSIONS=${SESSIONS:-100000}
-DURATION=${DURATION:-10}
-REPEATS=${REPEATS:-3}
-CONNS=${CONNS:-50}
-PROXY_CPU=${PROXY_CPU:-0}
-LOAD_CPU=${LOAD_CPU:-1}
-UP_PORT=18082 GATE_PORT=19448 ADMIN_PORT=19096
-EMR=emr.bench.localhost EHR=ehr.bench.localhost
-WORK=$(mktemp -d)
-OUT=$ROOT/target/load
-mkdir -p "$OUT"
-RESULTS=$OUT/many-sessions.txt
-cleanup() {
-  [ -n "${GATE_PID:-}" ] && kill "$GATE_PID" 2>/dev/null || true
-  [ -f "$WORK/upstream.pid" ] && kill "$(cat "$WORK/upstream.pid")" 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-log() { printf '%s\n' "$*" | tee -a "$RESULTS" >&2; }
-
 # shellcheck source=benches/common.sh
 . "$ROOT/benches/common.sh"
+one_gate_script
+SESSIONS=${SESSIONS:-100000}
+REPEATS=${REPEATS:-3}
+UP_PORT=18082 GATE_PORT=19448 ADMIN_PORT=19096
+RESULTS=$OUT/many-sessions.txt
+log() { printf '%s\n' "$*" | tee -a "$RESULTS" >&2; }
+
 need nginx:nginx-light wrk:wrk openssl:openssl
 cargo build --release --locked -q
 BIN=$ROOT/target/release/ehrgate
@@ -39,10 +26,7 @@ BIN=$ROOT/target/release/ehrgate
 make_keys
 start_upstream "$UP_PORT" "$LOAD_CPU"
 gate_config "$GATE_PORT" "$ADMIN_PORT" ehrgate
-taskset -c "$PROXY_CPU" "$BIN" run --config "$WORK/ehrgate.toml" > "$WORK/gate.out" 2> "$WORK/gate.err" &
-GATE_PID=$!
-for _ in $(seq 100); do grep -q serving "$WORK/gate.out" 2>/dev/null && break; sleep 0.1; done
-grep -q serving "$WORK/gate.out" || { cat "$WORK/gate.err" >&2; exit 1; }
+GATE_PID=$(start_gate "$BIN" ehrgate)
 
 : > "$RESULTS"
 log "# many sessions — $(date -u +%Y-%m-%dT%H:%M:%SZ)"

@@ -11,25 +11,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-TARGET=${TARGET:-ehr}
-DURATION=${DURATION:-10}
-CONNS=${CONNS:-50}
-PROXY_CPU=${PROXY_CPU:-0}
-LOAD_CPU=${LOAD_CPU:-1}
-UP_PORT=18084 GATE_PORT=19450 ADMIN_PORT=19098
-EMR=emr.bench.localhost EHR=ehr.bench.localhost
-WORK=$(mktemp -d)
-OUT=$ROOT/target/load
-mkdir -p "$OUT"
-cleanup() {
-  [ -n "${GATE_PID:-}" ] && kill "$GATE_PID" 2>/dev/null || true
-  [ -f "$WORK/upstream.pid" ] && kill "$(cat "$WORK/upstream.pid")" 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
 # shellcheck source=benches/common.sh
 . "$ROOT/benches/common.sh"
+one_gate_script
+TARGET=${TARGET:-ehr}
+UP_PORT=18084 GATE_PORT=19450 ADMIN_PORT=19098
+
 need nginx:nginx-light wrk:wrk openssl:openssl curl:curl perf:linux-perf
 if [ -z "${GATE_BIN:-}" ]; then
   cargo build --release --locked -q
@@ -39,10 +26,7 @@ fi
 make_keys
 start_upstream "$UP_PORT" "$LOAD_CPU"
 gate_config "$GATE_PORT" "$ADMIN_PORT" ehrgate
-taskset -c "$PROXY_CPU" "$GATE_BIN" run --config "$WORK/ehrgate.toml" > "$WORK/gate.out" 2> "$WORK/gate.err" &
-GATE_PID=$!
-for _ in $(seq 100); do grep -q serving "$WORK/gate.out" 2>/dev/null && break; sleep 0.1; done
-grep -q serving "$WORK/gate.out" || { cat "$WORK/gate.err" >&2; exit 1; }
+GATE_PID=$(start_gate "$GATE_BIN" ehrgate)
 
 case $TARGET in
   ehr)

@@ -11,28 +11,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-RATE=${RATE:-5000}
-DURATION=${DURATION:-10}
-REPEATS=${REPEATS:-3}
-CONNS=${CONNS:-50}
-PROXY_CPU=${PROXY_CPU:-0}
-LOAD_CPU=${LOAD_CPU:-1}
-UP_PORT=18081 GATE_PORT=19447 ADMIN_PORT=19094
-EMR=emr.bench.localhost EHR=ehr.bench.localhost
-WORK=$(mktemp -d)
-OUT=$ROOT/target/load
-mkdir -p "$OUT"
-RESULTS=$OUT/reload.txt
-cleanup() {
-  [ -n "${GATE_PID:-}" ] && kill "$GATE_PID" 2>/dev/null || true
-  [ -f "$WORK/upstream.pid" ] && kill "$(cat "$WORK/upstream.pid")" 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-log() { printf '%s\n' "$*" | tee -a "$RESULTS" >&2; }
-
 # shellcheck source=benches/common.sh
 . "$ROOT/benches/common.sh"
+one_gate_script
+RATE=${RATE:-5000}
+REPEATS=${REPEATS:-3}
+UP_PORT=18081 GATE_PORT=19447 ADMIN_PORT=19094
+RESULTS=$OUT/reload.txt
+log() { printf '%s\n' "$*" | tee -a "$RESULTS" >&2; }
+
 need nginx:nginx-light curl:curl openssl:openssl
 export PATH="$HOME/.cargo/bin:$PATH"
 command -v oha >/dev/null || cargo install oha --locked -q
@@ -43,10 +30,7 @@ make_keys
 start_upstream "$UP_PORT" "$LOAD_CPU"
 
 gate_config "$GATE_PORT" "$ADMIN_PORT" ehrgate
-taskset -c "$PROXY_CPU" "$BIN" run --config "$WORK/ehrgate.toml" > "$WORK/gate.out" 2> "$WORK/gate.err" &
-GATE_PID=$!
-for _ in $(seq 100); do grep -q serving "$WORK/gate.out" 2>/dev/null && break; sleep 0.1; done
-grep -q serving "$WORK/gate.out" || { cat "$WORK/gate.err" >&2; exit 1; }
+GATE_PID=$(start_gate "$BIN" ehrgate)
 
 # A viewer session, as a browser opens it (launch, then the binding round trip).
 resolve=(--resolve "$EMR:$GATE_PORT:127.0.0.1" --resolve "$EHR:$GATE_PORT:127.0.0.1")
@@ -80,7 +64,7 @@ name = "Riverside Walk-in Clinic"'
   kill -HUP "$GATE_PID"
   wait "$OHA"
   after=$(curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" | awk '/^ehrgate_config_reload_total\{result="ok"\}/ {print $2}')
-  [ "$after" -gt "$before" ] || { echo "the reload did not happen" >&2; cat "$WORK/gate.err" >&2; exit 1; }
+  [ "$after" -gt "$before" ] || { echo "the reload did not happen" >&2; cat "$WORK/ehrgate.err" >&2; exit 1; }
   read -r failed n p99_reload p99_other < <(python3 - "$WORK/run.csv" "$start" "$reload_at" <<'PY'
 import csv, sys
 path, start, reload_at = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])

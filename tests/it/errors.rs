@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::client::H1;
-use crate::support::pki::{Name, TestCa, LOOPBACK};
+use crate::support::pki::{ClinicCa, Name, TestCa, LOOPBACK};
 use crate::support::upstream::{self, Echo};
 use crate::support::{Child, Gate, Setup, EHR, EMR};
 
@@ -225,13 +225,9 @@ async fn an_upstream_certificate_for_another_name_is_refused() {
 
 #[tokio::test]
 async fn an_https_upstream_with_a_private_ca_is_reached_over_kept_connections() {
-    let ca = TestCa::new("the clinic's CA");
-    let echo = Echo::start_tls("emr", ca.server(&[LOOPBACK])).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca_path = ca.write(dir.path(), "ca.pem");
-    let mut setup = Setup::new(echo.addr, echo.addr).emr(&format!("upstream_ca = {ca_path:?}"));
-    setup.emr_upstream = format!("https://{}", echo.addr);
-    let gate = Gate::start(setup).await;
+    let ca = ClinicCa::new();
+    let echo = Echo::start_tls("emr", ca.loopback_server()).await;
+    let gate = Gate::start(ca.emr_setup(echo.addr, "")).await;
     let mut h1 = gate.client().h1(EMR).await;
     let mut h2 = gate.client().h2(EMR).await;
     for i in 0..3 {

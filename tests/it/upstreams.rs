@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 use ehrgate::body::Body;
 
 use crate::support::client::H1;
-use crate::support::pki::{TestCa, LOOPBACK};
+use crate::support::pki::ClinicCa;
 use crate::support::upstream::{echo, Echo};
 use crate::support::{Gate, Setup, EHR, EMR};
 
@@ -125,14 +125,11 @@ async fn a_kept_connection_the_upstream_closed_costs_no_request() {
 
 #[tokio::test]
 async fn http2_to_an_https_upstream_that_offers_it_when_configured() {
-    let ca = TestCa::new("the clinic's CA");
-    let echo = Echo::start_tls("ehr", ca.server(&[LOOPBACK])).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca_path = ca.write(dir.path(), "ca.pem");
-    let mut setup = Setup::new(echo.addr, echo.addr)
-        .emr(&format!("upstream_ca = {ca_path:?}\nupstream_http2 = true"))
-        .ehr(&format!("upstream_ca = {ca_path:?}"));
-    setup.emr_upstream = format!("https://{}", echo.addr);
+    let ca = ClinicCa::new();
+    let echo = Echo::start_tls("ehr", ca.loopback_server()).await;
+    let mut setup = ca
+        .emr_setup(echo.addr, "upstream_http2 = true")
+        .ehr(&format!("upstream_ca = {:?}", ca.path));
     setup.ehr_upstream = format!("https://{}", echo.addr);
     let gate = Gate::start(setup).await;
     let client = gate.client();
@@ -170,13 +167,9 @@ async fn http2_to_an_https_upstream_that_offers_it_when_configured() {
 
 #[tokio::test]
 async fn an_https_upstream_without_the_option_is_reached_over_http1() {
-    let ca = TestCa::new("the clinic's CA");
-    let echo = Echo::start_tls("emr", ca.server(&[LOOPBACK])).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca_path = ca.write(dir.path(), "ca.pem");
-    let mut setup = Setup::new(echo.addr, echo.addr).emr(&format!("upstream_ca = {ca_path:?}"));
-    setup.emr_upstream = format!("https://{}", echo.addr);
-    let gate = Gate::start(setup).await;
+    let ca = ClinicCa::new();
+    let echo = Echo::start_tls("emr", ca.loopback_server()).await;
+    let gate = Gate::start(ca.emr_setup(echo.addr, "")).await;
     let r = gate.client().get(EMR, "/oscar/x").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["version"], "HTTP/1.1");
@@ -234,14 +227,11 @@ async fn h2_upstream_with_goaway(
 
 #[tokio::test]
 async fn an_http2_upstream_going_away_costs_no_request() {
-    let ca = TestCa::new("the clinic's CA");
-    let (addr, answered, accepted) = h2_upstream_with_goaway(ca.server(&[LOOPBACK]), 3).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca_path = ca.write(dir.path(), "ca.pem");
-    let mut setup = Setup::new(addr, addr)
-        .emr(&format!("upstream_ca = {ca_path:?}\nupstream_http2 = true"))
+    let ca = ClinicCa::new();
+    let (addr, answered, accepted) = h2_upstream_with_goaway(ca.loopback_server(), 3).await;
+    let setup = ca
+        .emr_setup(addr, "upstream_http2 = true")
         .server("workers = 1");
-    setup.emr_upstream = format!("https://{addr}");
     let gate = Gate::start(setup).await;
     let client = gate.client();
     let mut h1 = client.h1(EMR).await;
@@ -273,14 +263,11 @@ async fn an_http2_upstream_going_away_costs_no_request() {
 
 #[tokio::test]
 async fn clients_that_do_not_read_cannot_stall_others_on_a_shared_http2_upstream() {
-    let ca = TestCa::new("the clinic's CA");
-    let echo = Echo::start_tls("emr", ca.server(&[LOOPBACK])).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca_path = ca.write(dir.path(), "ca.pem");
-    let mut setup = Setup::new(echo.addr, echo.addr)
-        .emr(&format!("upstream_ca = {ca_path:?}\nupstream_http2 = true"))
+    let ca = ClinicCa::new();
+    let echo = Echo::start_tls("emr", ca.loopback_server()).await;
+    let setup = ca
+        .emr_setup(echo.addr, "upstream_http2 = true")
         .server("workers = 1");
-    setup.emr_upstream = format!("https://{}", echo.addr);
     let gate = Gate::start(setup).await;
     let client = gate.client();
     // Downloads whose clients never read past the response header, each larger than

@@ -83,3 +83,37 @@ impl TestCa {
         path.display().to_string()
     }
 }
+
+/// The clinic's private CA for one test, written where `upstream_ca` can name it.
+pub struct ClinicCa {
+    pub ca: TestCa,
+    pub path: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ClinicCa {
+    pub fn new() -> Self {
+        let ca = TestCa::new("the clinic's CA");
+        let dir = tempfile::tempdir().unwrap();
+        let path = ca.write(dir.path(), "ca.pem");
+        Self {
+            ca,
+            path,
+            _dir: dir,
+        }
+    }
+
+    /// A server configuration for 127.0.0.1 signed by this CA.
+    pub fn loopback_server(&self) -> Arc<rustls::ServerConfig> {
+        self.ca.server(&[LOOPBACK])
+    }
+
+    /// An ehrgate whose EMR upstream is `https://addr`, trusting this CA, with `emr`
+    /// added to its `[emr]` table.
+    pub fn emr_setup(&self, addr: std::net::SocketAddr, emr: &str) -> crate::support::Setup {
+        let mut setup = crate::support::Setup::new(addr, addr)
+            .emr(&format!("upstream_ca = {:?}\n{emr}", self.path));
+        setup.emr_upstream = format!("https://{addr}");
+        setup
+    }
+}
