@@ -18,8 +18,11 @@ one_gate_script() {
 }
 
 one_gate_cleanup() {
-  [ -n "${GATE_PID:-}" ] && kill "$GATE_PID" 2>/dev/null || true
-  [ -f "$WORK/upstream.pid" ] && kill "$(cat "$WORK/upstream.pid")" 2>/dev/null || true
+  local p f
+  for p in "${GATE_PID:-}" "${FLOOR_PID:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  for f in upstream proxy haproxy; do
+    [ -f "$WORK/$f.pid" ] && kill "$(head -1 "$WORK/$f.pid")" 2>/dev/null || true
+  done
   rm -rf "$WORK"
 }
 
@@ -70,6 +73,74 @@ http {
 }
 CONF
   taskset -c "$2" nginx -p "$WORK" -c "$WORK/upstream.conf"
+}
+
+# start_nginx_proxy PORT: the reference, nginx terminating TLS with the key from
+# make_keys and proxying with keep-alive to the fixed upstream on $UP_PORT, one worker on
+# CPU $PROXY_CPU. Its master's pid is in $WORK/proxy.pid.
+start_nginx_proxy() {
+  cat > "$WORK/proxy.conf" <<EOF
+worker_processes 1;
+pid $WORK/proxy.pid;
+error_log $WORK/proxy.err warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  upstream up { server 127.0.0.1:$UP_PORT; keepalive 128; }
+  server {
+    listen 127.0.0.1:$1 ssl http2;
+    ssl_certificate $WORK/server.crt;
+    ssl_certificate_key $WORK/server.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache shared:SSL:10m;
+    ssl_session_tickets on;
+    keepalive_requests 1000000;
+    location / {
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_set_header X-Forwarded-Proto https;
+    }
+  }
+}
+EOF
+  taskset -c "$PROXY_CPU" nginx -p "$WORK" -c "$WORK/proxy.conf"
+}
+
+# nginx_pids: the reference nginx's master and worker.
+nginx_pids() { local m; m=$(cat "$WORK/proxy.pid"); echo "$m $(pgrep -P "$m" | xargs)"; }
+
+# start_haproxy PORT: the second reference, HAProxy terminating TLS (same certificate)
+# with keep-alive to the same upstream, one thread on CPU $PROXY_CPU; prints its pid.
+start_haproxy() {
+  cat "$WORK/server.crt" "$WORK/server.key" > "$WORK/server.pem"
+  cat > "$WORK/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 8000
+  pidfile $WORK/haproxy.pid
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 75s
+  timeout server 60s
+  timeout http-keep-alive 75s
+  option http-keep-alive
+frontend tls
+  bind 127.0.0.1:$1 ssl crt $WORK/server.pem alpn h2,http/1.1 ssl-min-ver TLSv1.2
+  option forwardfor
+  http-request set-header X-Forwarded-Proto https
+  default_backend up
+backend up
+  http-reuse always
+  server up 127.0.0.1:$UP_PORT
+EOF
+  taskset -c "$PROXY_CPU" haproxy -D -f "$WORK/haproxy.cfg" >&2
+  local _
+  for _ in $(seq 50); do [ -s "$WORK/haproxy.pid" ] && break; sleep 0.1; done
+  head -1 "$WORK/haproxy.pid"
 }
 
 # gate_config PORT ADMIN_PORT NAME [SESSION_LINES] [MORE_TABLES]: $WORK/NAME.toml, an

@@ -85,61 +85,10 @@ make_keys
 start_upstream "$UP_PORT" "$LOAD_CPU"
 
 # --- nginx as the TLS reverse proxy (the reference) --------------------------------
-cat > "$WORK/proxy.conf" <<EOF
-worker_processes 1;
-pid $WORK/proxy.pid;
-error_log $WORK/proxy.err warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  upstream up { server 127.0.0.1:$UP_PORT; keepalive 128; }
-  server {
-    listen 127.0.0.1:$NGINX_PORT ssl http2;
-    ssl_certificate $WORK/server.crt;
-    ssl_certificate_key $WORK/server.key;
-    ssl_protocols TLSv1.2 TLSv1.3;
-    ssl_session_cache shared:SSL:10m;
-    ssl_session_tickets on;
-    keepalive_requests 1000000;
-    location / {
-      proxy_pass http://up;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$remote_addr;
-      proxy_set_header X-Forwarded-Proto https;
-    }
-  }
-}
-EOF
-taskset -c "$PROXY_CPU" nginx -p "$WORK" -c "$WORK/proxy.conf"
+start_nginx_proxy "$NGINX_PORT"
 
 # --- HAProxy as the second reference -------------------------------------------------
-cat "$WORK/server.crt" "$WORK/server.key" > "$WORK/server.pem"
-cat > "$WORK/haproxy.cfg" <<EOF
-global
-  nbthread 1
-  maxconn 8000
-  pidfile $WORK/haproxy.pid
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 75s
-  timeout server 60s
-  timeout http-keep-alive 75s
-  option http-keep-alive
-frontend tls
-  bind 127.0.0.1:$HAPROXY_PORT ssl crt $WORK/server.pem alpn h2,http/1.1 ssl-min-ver TLSv1.2
-  option forwardfor
-  http-request set-header X-Forwarded-Proto https
-  default_backend up
-backend up
-  http-reuse always
-  server up 127.0.0.1:$UP_PORT
-EOF
-taskset -c "$PROXY_CPU" haproxy -D -f "$WORK/haproxy.cfg"
-for _ in $(seq 50); do [ -s "$WORK/haproxy.pid" ] && break; sleep 0.1; done
-HAPROXY_PID=$(head -1 "$WORK/haproxy.pid")
+HAPROXY_PID=$(start_haproxy "$HAPROXY_PORT")
 PIDS+=("$HAPROXY_PID")
 
 # --- ehrgate -----------------------------------------------------------------------
@@ -169,7 +118,6 @@ if [ -n "${BASE_BIN:-}" ]; then
   PIDS+=("$BASE_PID")
 fi
 
-nginx_pids() { local m; m=$(cat "$WORK/proxy.pid"); echo "$m $(pgrep -P "$m" | xargs)"; }
 cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
 TICK=$(getconf CLK_TCK)
 

@@ -3,9 +3,12 @@
 # the same set-up as benches/load.sh (fixed nginx upstream on CPU $LOAD_CPU, ehrgate
 # pinned to CPU $PROXY_CPU, one live EHR session), wrk saturating TARGET while
 # `perf record -e cpu-clock` samples ehrgate; then ehrgate's user and system time
-# per request, and perf's flat profile. Loopback only.
+# per request, and perf's flat profile. Loopback only. TARGET=nginx or haproxy profiles
+# the reference in the same place (same upstream, certificate, pinning and load), for
+# its user and system split beside ehrgate's; TARGET=floor profiles examples/stack_floor.rs,
+# a bare proxy on ehrgate's own packages (tokio, rustls, hyper) doing none of its work.
 #
-#   bash benches/profile.sh            # TARGET=ehr (viewer host) or emr; DURATION=10 CONNS=50
+#   bash benches/profile.sh            # TARGET=ehr (viewer host), emr, nginx, haproxy or floor; DURATION=10 CONNS=50
 #   GATE_BIN=path bash benches/profile.sh   # another build
 #   PERF=0 bash benches/profile.sh          # user and system time only, without perf
 set -euo pipefail
@@ -15,9 +18,9 @@ ROOT=$PWD
 . "$ROOT/benches/common.sh"
 one_gate_script
 TARGET=${TARGET:-ehr}
-UP_PORT=18084 GATE_PORT=19450 ADMIN_PORT=19098
+UP_PORT=18084 GATE_PORT=19450 ADMIN_PORT=19098 NGINX_PORT=19451 HAPROXY_PORT=19452 FLOOR_PORT=19453
 
-need nginx:nginx-light wrk:wrk openssl:openssl curl:curl perf:linux-perf
+need nginx:nginx-light haproxy:haproxy wrk:wrk openssl:openssl curl:curl perf:linux-perf
 if [ -z "${GATE_BIN:-}" ]; then
   cargo build --release --locked -q
   GATE_BIN=$ROOT/target/release/ehrgate
@@ -34,30 +37,51 @@ case $TARGET in
     [ -n "$TOKEN" ] || { echo "could not open a viewer session" >&2; exit 1; }
     ARGS=(-H "Host: $EHR:$GATE_PORT" -H "Cookie: __Host-ehrgate=$TOKEN" "https://127.0.0.1:$GATE_PORT/chart") ;;
   emr) ARGS=(-H "Host: $EMR:$GATE_PORT" "https://127.0.0.1:$GATE_PORT/oscar/provider/providercontrol.jsp") ;;
-  *) echo "TARGET is ehr or emr" >&2; exit 2 ;;
+  nginx)
+    start_nginx_proxy "$NGINX_PORT"
+    for _ in $(seq 50); do [ -n "$(nginx_pids | cut -d' ' -f2)" ] && break; sleep 0.1; done
+    ARGS=(-H "Host: $EHR" "https://127.0.0.1:$NGINX_PORT/chart") ;;
+  haproxy)
+    HAPROXY_PID=$(start_haproxy "$HAPROXY_PORT")
+    ARGS=(-H "Host: $EHR" "https://127.0.0.1:$HAPROXY_PORT/chart") ;;
+  floor)
+    cargo build --release --locked -q --example stack_floor
+    taskset -c "$PROXY_CPU" "$ROOT/target/release/examples/stack_floor" "127.0.0.1:$FLOOR_PORT" \
+      "127.0.0.1:$UP_PORT" "$WORK/server.crt" "$WORK/server.key" > "$WORK/floor.out" 2> "$WORK/floor.err" &
+    FLOOR_PID=$!
+    for _ in $(seq 100); do grep -q serving "$WORK/floor.out" && break; sleep 0.1; done
+    ARGS=(-H "Host: $EHR" "https://127.0.0.1:$FLOOR_PORT/chart") ;;
+  *) echo "TARGET is ehr, emr, nginx, haproxy or floor" >&2; exit 2 ;;
+esac
+# The process measured: ehrgate, or the reference's worker.
+case $TARGET in
+  nginx) PROF_PID=$(nginx_pids | cut -d' ' -f2); VERSION=$(nginx -v 2>&1 | cut -d' ' -f3) ;;
+  haproxy) PROF_PID=$HAPROXY_PID; VERSION=$(haproxy -v | head -1 | cut -d' ' -f1-3) ;;
+  floor) PROF_PID=$FLOOR_PID; VERSION="examples/stack_floor.rs" ;;
+  *) PROF_PID=$GATE_PID; VERSION=$($GATE_BIN --version) ;;
 esac
 
 # A warm-up, then the measured run under perf.
 taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d2s "${ARGS[@]}" >/dev/null
-read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$GATE_PID/stat")
+read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$PROF_PID/stat")
 PERF_PID=""
 if [ "${PERF:-1}" != 0 ]; then
-  perf record -q -e cpu-clock -F ${FREQ:-2999} ${PERF_G:+--call-graph dwarf,8192} -p "$GATE_PID" -o "$WORK/perf.data" -- sleep "$DURATION" 2>/dev/null &
+  perf record -q -e cpu-clock -F ${FREQ:-2999} ${PERF_G:+--call-graph dwarf,8192} -p "$PROF_PID" -o "$WORK/perf.data" -- sleep "$DURATION" 2>/dev/null &
   PERF_PID=$!
 fi
 out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" "${ARGS[@]}")
 [ -n "$PERF_PID" ] && { wait "$PERF_PID" || true; }
-read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$GATE_PID/stat")
+read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$PROF_PID/stat")
 reqs=$(awk '/requests in/ {print $1}' <<< "$out")
 hz=$(getconf CLK_TCK)
 {
-  echo "# profile of $TARGET — $(date -u +%Y-%m-%dT%H:%M:%SZ), $($GATE_BIN --version)"
+  echo "# profile of $TARGET — $(date -u +%Y-%m-%dT%H:%M:%SZ), $VERSION"
   awk -v r="$reqs" -v d="$DURATION" -v u="$((u1 - u0))" -v s="$((s1 - s0))" -v hz="$hz" \
     'BEGIN {printf "%.0f req/s; user %.2f µs/req, system %.2f µs/req\n", r / d, u / hz / r * 1e6, s / hz / r * 1e6}'
   [ -z "$PERF_PID" ] && exit 0
   echo "(perf's sampling adds to both)"
   echo
-  echo "share of samples: user space (ehrgate and its libraries) vs kernel"
+  echo "share of samples: user space (the program and its libraries) vs kernel"
   perf report -i "$WORK/perf.data" --sort dso --stdio 2>/dev/null | grep -v '^#' | awk 'NF {printf "  %-8s %s\n", $1, $2}' | head -6 || true
   echo
   perf report -i "$WORK/perf.data" --sort symbol --percent-limit 0.6 --stdio -g none 2>/dev/null \
