@@ -143,6 +143,21 @@ EOF
   head -1 "$WORK/haproxy.pid"
 }
 
+# start_floor PORT: examples/stack_floor.rs (a bare TLS proxy on ehrgate's own packages,
+# doing none of its work: what the stack itself costs per request) in front of the fixed
+# upstream on $UP_PORT, on CPU $PROXY_CPU, built unless FLOOR_BIN names a build; prints
+# its pid.
+start_floor() {
+  local bin=${FLOOR_BIN:-$ROOT/target/release/examples/stack_floor}
+  [ -n "${FLOOR_BIN:-}" ] || cargo build --release --locked -q --example stack_floor >&2
+  taskset -c "$PROXY_CPU" "$bin" "127.0.0.1:$1" \
+    "127.0.0.1:$UP_PORT" "$WORK/server.crt" "$WORK/server.key" > "$WORK/floor.out" 2> "$WORK/floor.err" &
+  local pid=$! _
+  for _ in $(seq 100); do grep -q serving "$WORK/floor.out" 2>/dev/null && break; sleep 0.1; done
+  grep -q serving "$WORK/floor.out" || { cat "$WORK/floor.err" >&2; exit 1; }
+  echo "$pid"
+}
+
 # gate_config PORT ADMIN_PORT NAME [SESSION_LINES] [MORE_TABLES]: $WORK/NAME.toml, an
 # ehrgate in front of the fixed upstream on $UP_PORT with the keys from make_keys.
 gate_config() {

@@ -13,6 +13,9 @@
 #   nginx   nginx terminating TLS and proxying with keep-alive to the upstream
 #   haproxy HAProxy terminating TLS (same certificate), keep-alive to the same upstream
 #           (http-reuse always), one thread, on the same core as the other proxies
+#   floor   examples/stack_floor.rs: a bare TLS proxy on ehrgate's own packages (tokio,
+#           rustls, hyper) doing none of ehrgate's work, one upstream connection per
+#           client connection: what the stack itself costs, the floor under emr and ehr
 #   emr     ehrgate, EMR host (routing, header rules, EMR session bookkeeping)
 #   ehr     ehrgate, viewer host with a live EHR session in vault mode (cookie ->
 #           session lookup -> jar merge -> forward): the realistic hot path
@@ -38,7 +41,7 @@ PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 BULK=${BULK:-10000}
 SIGNOUTS=${SIGNOUTS:-1000}
-UP_PORT=18080 NGINX_PORT=18443 HAPROXY_PORT=18444 GATE_PORT=19443 ADMIN_PORT=19090 BASE_PORT=19444 BASE_ADMIN_PORT=19091
+UP_PORT=18080 NGINX_PORT=18443 HAPROXY_PORT=18444 FLOOR_PORT=18445 GATE_PORT=19443 ADMIN_PORT=19090 BASE_PORT=19444 BASE_ADMIN_PORT=19091
 REDIS_PORT=16379 RGATE_PORT=19445 RGATE_ADMIN_PORT=19092 RGATE2_PORT=19446 RGATE2_ADMIN_PORT=19093
 EMR=emr.bench.localhost EHR=ehr.bench.localhost
 OUT=$ROOT/target/load
@@ -90,6 +93,8 @@ start_nginx_proxy "$NGINX_PORT"
 # --- HAProxy as the second reference -------------------------------------------------
 HAPROXY_PID=$(start_haproxy "$HAPROXY_PORT")
 PIDS+=("$HAPROXY_PID")
+FLOOR_PID=$(start_floor "$FLOOR_PORT")
+PIDS+=("$FLOOR_PID")
 
 # --- ehrgate -----------------------------------------------------------------------
 gate_config "$GATE_PORT" "$ADMIN_PORT" ehrgate
@@ -125,7 +130,7 @@ TOKEN=$(new_session bench-hot-path "$GATE_PORT")
 [ -n "$TOKEN" ] || { echo "could not open a viewer session" >&2; cat "$WORK/ehrgate.err" >&2; exit 1; }
 RTOKEN=$(new_session bench-redis-path "$RGATE_PORT")
 [ -n "$RTOKEN" ] || { echo "could not open a viewer session on the redis store" >&2; cat "$WORK/redis.err" >&2; exit 1; }
-TARGETS="direct nginx haproxy emr ehr emr-redis ehr-redis"
+TARGETS="direct nginx haproxy floor emr ehr emr-redis ehr-redis"
 if [ -n "$BASE_PID" ]; then
   BASE_TOKEN=$(new_session bench-base-path "$BASE_PORT")
   [ -n "$BASE_TOKEN" ] || { echo "could not open a viewer session on BASE_BIN" >&2; cat "$WORK/base.err" >&2; exit 1; }
@@ -138,6 +143,7 @@ target_args() { # name -> URL and headers for wrk/oha
     direct) echo "http://127.0.0.1:$UP_PORT/chart" ;;
     nginx) echo "https://127.0.0.1:$NGINX_PORT/chart|Host: $EHR" ;;
     haproxy) echo "https://127.0.0.1:$HAPROXY_PORT/chart|Host: $EHR" ;;
+    floor) echo "https://127.0.0.1:$FLOOR_PORT/chart|Host: $EHR" ;;
     emr) echo "https://127.0.0.1:$GATE_PORT/oscar/provider/providercontrol.jsp|Host: $EMR:$GATE_PORT" ;;
     ehr) echo "https://127.0.0.1:$GATE_PORT/chart|Host: $EHR:$GATE_PORT|Cookie: __Host-ehrgate=$TOKEN" ;;
     emr-base) echo "https://127.0.0.1:$BASE_PORT/oscar/provider/providercontrol.jsp|Host: $EMR:$BASE_PORT" ;;
@@ -146,7 +152,7 @@ target_args() { # name -> URL and headers for wrk/oha
     ehr-redis) echo "https://127.0.0.1:$RGATE_PORT/chart|Host: $EHR:$RGATE_PORT|Cookie: __Host-ehrgate=$RTOKEN" ;;
   esac
 }
-proxy_pids() { case $1 in direct) echo "" ;; nginx) nginx_pids ;; haproxy) echo "$HAPROXY_PID" ;; *-base) echo "$BASE_PID" ;; *-redis) echo "$RGATE_PID" ;; *) echo "$GATE_PID" ;; esac; }
+proxy_pids() { case $1 in direct) echo "" ;; nginx) nginx_pids ;; haproxy) echo "$HAPROXY_PID" ;; floor) echo "$FLOOR_PID" ;; *-base) echo "$BASE_PID" ;; *-redis) echo "$RGATE_PID" ;; *) echo "$GATE_PID" ;; esac; }
 
 median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print "n/a"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 

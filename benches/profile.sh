@@ -45,11 +45,7 @@ case $TARGET in
     HAPROXY_PID=$(start_haproxy "$HAPROXY_PORT")
     ARGS=(-H "Host: $EHR" "https://127.0.0.1:$HAPROXY_PORT/chart") ;;
   floor)
-    cargo build --release --locked -q --example stack_floor
-    taskset -c "$PROXY_CPU" "$ROOT/target/release/examples/stack_floor" "127.0.0.1:$FLOOR_PORT" \
-      "127.0.0.1:$UP_PORT" "$WORK/server.crt" "$WORK/server.key" > "$WORK/floor.out" 2> "$WORK/floor.err" &
-    FLOOR_PID=$!
-    for _ in $(seq 100); do grep -q serving "$WORK/floor.out" && break; sleep 0.1; done
+    FLOOR_PID=$(start_floor "$FLOOR_PORT")
     ARGS=(-H "Host: $EHR" "https://127.0.0.1:$FLOOR_PORT/chart") ;;
   *) echo "TARGET is ehr, emr, nginx, haproxy or floor" >&2; exit 2 ;;
 esac
@@ -100,7 +96,7 @@ for line in sys.stdin:
         sym = "mimalloc"
     elif sym.startswith("aws_lc"):
         sym = "aws-lc"
-    crate = m.group(2) if m.group(2) != "ehrgate" else re.split(r"::|<| as ", sym)[0] or sym
+    crate = m.group(2) if m.group(2) not in ("ehrgate", "stack_floor") else re.split(r"::|<| as ", sym)[0] or sym
     by[crate] += float(m.group(1))
 for crate, share in by.most_common(16):
     print(f"  {share:6.2f}%  {crate}")

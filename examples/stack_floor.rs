@@ -6,8 +6,11 @@
 //!
 //! Each client connection gets one upstream connection of its own, opened before its
 //! first request (the cheapest pairing there is: no pool look-up), driven by a task of
-//! its own as hyper's examples do. Requests go upstream with `X-Forwarded-For` and
-//! `X-Forwarded-Proto` added, as the reference nginx does; answers come back unchanged.
+//! its own as hyper's examples do. (One task polling both connections measured slower:
+//! user 5.7 against 5.1 µs/request, system time higher too, since each request is then
+//! written upstream the moment it is read, one wake-up of the upstream per request.)
+//! Requests go upstream with `X-Forwarded-For` and `X-Forwarded-Proto` added, as the
+//! reference nginx does; answers come back unchanged.
 //!
 //! ```text
 //! stack_floor LISTEN UPSTREAM CERT KEY   # e.g. 127.0.0.1:19453 127.0.0.1:18084 server.crt server.key
