@@ -51,7 +51,9 @@ function expect(cond, what) {
   if (!cond) throw new Error(`expected: ${what}`);
 }
 
+// Chromium's profile, made for this run and removed after it, whatever its outcome.
 const profile = fs.mkdtempSync(path.join(os.tmpdir(), "ehrgate-chromium-"));
+const removeProfile = () => fs.rmSync(profile, { recursive: true, force: true });
 let context;
 try {
   context = await chromium.launchPersistentContext(profile, {
@@ -73,6 +75,7 @@ try {
   });
 } catch (e) {
   console.error(`Chromium could not start (${e.message}). Install it with scripts/install-test-deps.sh.`);
+  removeProfile();
   process.exit(2);
 }
 context.setDefaultTimeout(10_000);
@@ -193,6 +196,7 @@ try {
 
   console.log("browser flow: all steps passed");
   await context.close();
+  removeProfile();
 } catch (e) {
   console.error(`browser flow failed at step "${step}": ${e.message}`);
   for (const p of context.pages()) {
@@ -201,5 +205,6 @@ try {
     } catch {}
   }
   await context.close();
+  removeProfile();
   process.exit(1);
 }
