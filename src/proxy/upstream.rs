@@ -279,7 +279,9 @@ impl Upstream {
             } else if let Some(conn) = self.pool.checkout() {
                 self.send_h1(conn, true, req).await
             } else {
-                match self.connect(h2).await? {
+                // Boxed: a new connection's TLS and handshake state is kilobytes, and
+                // would otherwise be part of (and copied with) every request's future.
+                match Box::pin(self.connect(h2)).await? {
                     Fresh::H1(conn) => self.send_h1(conn, false, req).await,
                     Fresh::H2(conn) => self.send_h2(self.pool.add_h2(conn), req).await,
                 }
