@@ -11,6 +11,7 @@
 #   bash benches/profile.sh            # TARGET=ehr (viewer host), emr, nginx, haproxy or floor; DURATION=10 CONNS=50
 #   GATE_BIN=path bash benches/profile.sh   # another build
 #   PERF=0 bash benches/profile.sh          # user and system time only, without perf
+#   PERF_G=1 PERF_STACK=32768 bash benches/profile.sh   # with DWARF call graphs (stack bytes copied per sample)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -62,7 +63,7 @@ taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d2s "${ARGS[@]}" >/dev/null
 read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$PROF_PID/stat")
 PERF_PID=""
 if [ "${PERF:-1}" != 0 ]; then
-  perf record -q -e cpu-clock -F ${FREQ:-2999} ${PERF_G:+--call-graph dwarf,8192} -p "$PROF_PID" -o "$WORK/perf.data" -- sleep "$DURATION" 2>/dev/null &
+  perf record -q -e cpu-clock -F ${FREQ:-2999} ${PERF_G:+--call-graph dwarf,${PERF_STACK:-8192}} -p "$PROF_PID" -o "$WORK/perf.data" -- sleep "$DURATION" 2>/dev/null &
   PERF_PID=$!
 fi
 out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" "${ARGS[@]}")
