@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use http_body::{Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -259,12 +260,12 @@ pub async fn serve<H: Handler>(
     };
     let (_, session) = tls.get_ref();
     let h2 = session.alpn_protocol() == Some(ALPN_H2);
-    let info = Arc::new(ConnInfo {
+    let info = Arc::new(ConnInfo::new(
         peer,
-        sni: session
+        session
             .server_name()
             .map(|s| s.to_ascii_lowercase().into_boxed_str()),
-    });
+    ));
 
     let activity = Arc::new(Activity::new());
     let svc = {
@@ -335,18 +336,35 @@ async fn drive<C: GracefulConn>(
     loop {
         let idle_at = activity.idle_deadline(limits.idle_timeout);
         let (send_at, waiting) = activity.send_deadline(limits.send_timeout);
-        tokio::select! {
-            res = conn.as_mut() => {
+        let event = {
+            // Shutdown and the two deadlines are rarely ready, while the connection's
+            // task wakes several times a request: they are polled only when one of them
+            // woke it (see `WokenOnly`).
+            let rare = std::pin::pin!(async {
+                tokio::select! {
+                    _ = crate::shutdown::signalled(&mut shutdown), if !closing => Event::Shutdown,
+                    _ = tokio::time::sleep_until(send_at.into()) => Event::SendDeadline,
+                    _ = sleep_until(idle_at), if !closing => Event::IdleDeadline,
+                }
+            });
+            tokio::select! {
+                biased;
+                res = conn.as_mut() => Event::Ended(res),
+                event = WokenOnly::new(rare) => event,
+            }
+        };
+        match event {
+            Event::Ended(res) => {
                 if let Err(e) = res {
                     debug!(error = %e, "connection ended with an error");
                 }
                 return;
             }
-            _ = crate::shutdown::signalled(&mut shutdown), if !closing => {
+            Event::Shutdown => {
                 conn.as_mut().begin_shutdown();
                 closing = true;
             }
-            _ = tokio::time::sleep_until(send_at.into()) => {
+            Event::SendDeadline => {
                 if waiting && activity.send_deadline(limits.send_timeout) == (send_at, true) {
                     // A client that takes nothing of a response holds an upstream
                     // connection and buffers: the exchange ends (RST / close).
@@ -354,7 +372,7 @@ async fn drive<C: GracefulConn>(
                     return;
                 }
             }
-            _ = sleep_until(idle_at), if !closing => {
+            Event::IdleDeadline => {
                 if activity.idle_deadline(limits.idle_timeout).is_none() {
                     debug!("closing idle connection");
                     conn.as_mut().begin_shutdown();
@@ -362,6 +380,69 @@ async fn drive<C: GracefulConn>(
                 }
             }
         }
+    }
+}
+
+/// What ended one wait of [`drive`].
+enum Event<E> {
+    Ended(Result<(), E>),
+    Shutdown,
+    SendDeadline,
+    IdleDeadline,
+}
+
+/// A future polled only when its own waker has fired (and on its first poll), though the
+/// task it belongs to wakes for other reasons too. `select!` polls every branch at each
+/// wake of its task; for futures that are almost never ready (a shutdown signal, a
+/// timer), that is a lock or timer-wheel visit per wake for nothing.
+struct WokenOnly<F> {
+    inner: F,
+    gate: Arc<Gate>,
+    waker: std::task::Waker,
+}
+
+/// Whether the inner future was woken since it was last polled, and the task to wake.
+struct Gate {
+    woken: std::sync::atomic::AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for Gate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future + Unpin> WokenOnly<F> {
+    fn new(inner: F) -> Self {
+        let gate = Arc::new(Gate {
+            woken: std::sync::atomic::AtomicBool::new(true),
+            task: futures_util::task::AtomicWaker::new(),
+        });
+        Self {
+            inner,
+            waker: std::task::Waker::from(gate.clone()),
+            gate,
+        }
+    }
+}
+
+impl<F: Future + Unpin> Future for WokenOnly<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        // The task's waker first, so a wake after the check below is not lost.
+        self.gate.task.register(cx.waker());
+        if !self.gate.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let this = &mut *self;
+        this.inner.poll_unpin(&mut Context::from_waker(&this.waker))
     }
 }
 
@@ -381,4 +462,113 @@ impl<F: FnMut()> Drop for ScopeGuard<F> {
 
 fn scopeguard<F: FnMut()>(f: F) -> ScopeGuard<F> {
     ScopeGuard(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::task::Wake;
+
+    /// Counts its polls; ready once `ready` is set, waking whoever polled it last when
+    /// `wake` is called.
+    #[derive(Default)]
+    struct Probe {
+        polls: AtomicUsize,
+        ready: AtomicBool,
+        waker: std::sync::Mutex<Option<std::task::Waker>>,
+    }
+
+    impl Probe {
+        fn wake(&self) {
+            if let Some(w) = self.waker.lock().unwrap().take() {
+                w.wake();
+            }
+        }
+    }
+
+    struct ProbeFuture(Arc<Probe>);
+
+    impl Future for ProbeFuture {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            self.0.polls.fetch_add(1, Ordering::SeqCst);
+            if self.0.ready.load(Ordering::SeqCst) {
+                return Poll::Ready(());
+            }
+            *self.0.waker.lock().unwrap() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    #[derive(Default)]
+    struct TaskWakes(AtomicUsize);
+
+    impl Wake for TaskWakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn polled_first_and_then_only_when_its_own_waker_fires() {
+        let probe = Arc::new(Probe::default());
+        let task = Arc::new(TaskWakes::default());
+        let waker = std::task::Waker::from(task.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut gated = WokenOnly::new(ProbeFuture(probe.clone()));
+
+        assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+        assert_eq!(
+            probe.polls.load(Ordering::SeqCst),
+            1,
+            "polled on its first poll"
+        );
+        // The task woke for something else (the connection): the inner is left alone.
+        for _ in 0..5 {
+            assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+        }
+        assert_eq!(probe.polls.load(Ordering::SeqCst), 1);
+
+        // The inner's own wake-up reaches the task and gets the inner polled.
+        probe.ready.store(true, Ordering::SeqCst);
+        probe.wake();
+        assert_eq!(task.0.load(Ordering::SeqCst), 1, "the task was woken");
+        assert!(Pin::new(&mut gated).poll(&mut cx).is_ready());
+        assert_eq!(probe.polls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_wake_between_polls_of_another_task_waker_is_not_lost() {
+        let probe = Arc::new(Probe::default());
+        let first = Arc::new(TaskWakes::default());
+        let second = Arc::new(TaskWakes::default());
+        let mut gated = WokenOnly::new(ProbeFuture(probe.clone()));
+        let w1 = std::task::Waker::from(first.clone());
+        assert!(Pin::new(&mut gated)
+            .poll(&mut Context::from_waker(&w1))
+            .is_pending());
+        // Polled later with another waker (the future moved to another task's select).
+        let w2 = std::task::Waker::from(second.clone());
+        assert!(Pin::new(&mut gated)
+            .poll(&mut Context::from_waker(&w2))
+            .is_pending());
+        probe.wake();
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            second.0.load(Ordering::SeqCst),
+            1,
+            "the latest waker is woken"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_timer_behind_the_gate_still_fires() {
+        let sleep = std::pin::pin!(tokio::time::sleep(Duration::from_millis(20)));
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(20), WokenOnly::new(sleep))
+            .await
+            .expect("the timer's wake-up got through the gate");
+        assert!(started.elapsed() >= Duration::from_millis(20));
+    }
 }
