@@ -59,6 +59,7 @@ fn bench(c: &mut Criterion) {
     trusted.add("X-EHR-Context", Severity::Forgery);
     let template = browser_headers();
     let request_id = HeaderValue::from_static("5cb70788-1");
+    let client_ip = HeaderValue::from_static("10.1.2.3");
     c.bench_function("headers/filter_and_forward", |b| {
         b.iter_batched(
             || template.clone(),
@@ -66,12 +67,7 @@ fn bench(c: &mut Criterion) {
                 headers::strip_hop_by_hop(&mut h, false);
                 trusted.strip(&mut h);
                 headers::fold_cookies(&mut h);
-                headers::set_forwarded(
-                    &mut h,
-                    [10, 1, 2, 3].into(),
-                    "ehr.clinic.example",
-                    &request_id,
-                );
+                headers::set_forwarded(&mut h, &client_ip, "ehr.clinic.example", &request_id);
                 h
             },
             criterion::BatchSize::SmallInput,

@@ -173,7 +173,12 @@ impl std::fmt::Display for Problem {
 
 /// Whether the client asked for JSON rather than a page.
 pub fn wants_json(headers: &HeaderMap) -> bool {
-    let Some(accept) = headers.get(ACCEPT).and_then(|v| v.to_str().ok()) else {
+    prefers_json(headers.get(ACCEPT))
+}
+
+/// [`wants_json`] of an `Accept` value (or its absence).
+pub fn prefers_json(accept: Option<&HeaderValue>) -> bool {
+    let Some(accept) = accept.and_then(|v| v.to_str().ok()) else {
         return false;
     };
     let json = accept.find("application/json");

@@ -56,7 +56,7 @@ impl Gateway {
         let out = self.engine.prepare(
             ctx,
             Origin::Emr,
-            conn.peer.ip(),
+            &conn.peer_ip,
             self.engine.client_request(req),
         );
         let resp = self.engine.exchange(Origin::Emr, out, None).await?;

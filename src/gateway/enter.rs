@@ -231,12 +231,9 @@ impl Gateway {
             )
         })?;
 
-        let mut out = self.engine.prepare(
-            ctx,
-            Origin::Ehr,
-            conn.peer.ip(),
-            req.map(|()| Body::empty()),
-        );
+        let mut out =
+            self.engine
+                .prepare(ctx, Origin::Ehr, &conn.peer_ip, req.map(|()| Body::empty()));
         out.parts.method = Method::GET;
         out.parts.uri = self.engine.upstream(Origin::Ehr).uri_for(Some(
             &self.config.ehr.launch_path.parse().expect("validated path"),

@@ -115,7 +115,7 @@ impl Gateway {
 
         // The EMR itself says whether this session is logged in, and who the user is.
         let (status, whoami) = self
-            .emr_json(ctx, &cfg.emr.whoami_path, user_cookie, conn.peer.ip())
+            .emr_json(ctx, &cfg.emr.whoami_path, user_cookie, &conn.peer_ip)
             .await
             .map_err(|p| denied("EMR whoami failed", p))?;
         if status != StatusCode::OK {
@@ -315,7 +315,7 @@ impl Gateway {
         let cfg = &self.config.emr;
         let path = cfg.patient_path.replace("{demographicNo}", demographic_no);
         let (status, body) = self
-            .emr_json(ctx, &path, cookie, conn.peer.ip())
+            .emr_json(ctx, &path, cookie, &conn.peer_ip)
             .await
             .map_err(|p| ("EMR demographics failed".to_string(), p))?;
         match status.as_u16() {

@@ -166,7 +166,8 @@ fn get_only(method: &Method, path: &str) -> Result<(), Problem> {
 
 /// Request ids: a random per-process prefix and a counter. Unique and cheap; not secret.
 struct RequestIds {
-    prefix: u32,
+    /// The prefix as text with its dash: `xxxxxxxx-`.
+    prefix: [u8; 9],
     next: AtomicU64,
 }
 
@@ -175,23 +176,39 @@ impl RequestIds {
         let mut b = [0u8; 4];
         // A failed RNG leaves the prefix zero: ids stay unique within this process.
         let _ = aws_lc_rs::rand::fill(&mut b);
+        Self::with_prefix(u32::from_be_bytes(b))
+    }
+
+    fn with_prefix(prefix: u32) -> Self {
+        let mut text = [b'-'; 9];
+        for (i, digit) in text[..8].iter_mut().enumerate() {
+            *digit = HEX_DIGITS[(prefix >> (28 - 4 * i)) as usize & 0xf];
+        }
         Self {
-            prefix: u32::from_be_bytes(b),
+            prefix: text,
             next: AtomicU64::new(1),
         }
     }
 
-    /// A fresh id, as the header value it travels in (logs and audit read it as text).
+    /// A fresh id, as the header value it travels in (logs and audit read it as text):
+    /// the prefix, then the counter in lowercase hex without leading zeros. Written by
+    /// hand: `format!` cost more than the rest of building a request's context.
     fn next(&self) -> HeaderValue {
-        let id = format!(
-            "{:08x}-{:x}",
-            self.prefix,
-            self.next.fetch_add(1, Ordering::Relaxed)
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let digits = (u64::BITS - n.leading_zeros()).div_ceil(4).max(1);
+        let mut id = Vec::with_capacity(self.prefix.len() + digits as usize);
+        id.extend_from_slice(&self.prefix);
+        id.extend(
+            (0..digits)
+                .rev()
+                .map(|i| HEX_DIGITS[(n >> (4 * i)) as usize & 0xf]),
         );
         HeaderValue::from_maybe_shared(bytes::Bytes::from(id))
             .expect("hex digits and a dash are a valid header value")
     }
 }
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
 /// The clinic's gateway: everything shared by all requests — configuration, the
 /// forwarding engine, the session store, the audit log, the context signer and the
@@ -343,7 +360,7 @@ impl Gateway {
         let mut ctx = Ctx {
             id_header: self.ids.next(),
             started: Instant::now(),
-            json: crate::problem::wants_json(req.headers()),
+            accept: req.headers().get(http::header::ACCEPT).cloned(),
             host: String::new(),
             path: path::CanonicalPath::default(),
         };
@@ -479,7 +496,7 @@ impl Gateway {
                 warn!(status = problem.status.as_u16(), code = problem.code, cause = %cause, "internal error")
             }
         }
-        problem.into_response(ctx.id(), ctx.json)
+        problem.into_response(ctx.id(), ctx.wants_json())
     }
 }
 
@@ -621,7 +638,7 @@ impl Gateway {
         ctx: &Ctx,
         path: &str,
         cookie: Option<&HeaderValue>,
-        peer: std::net::IpAddr,
+        peer: &HeaderValue,
     ) -> Result<(StatusCode, Option<serde_json::Value>), Problem> {
         let uri = self
             .engine
@@ -687,5 +704,23 @@ pub(crate) fn pointer_text(v: &serde_json::Value, pointer: &str) -> Option<Strin
         serde_json::Value::String(s) => Some(s.trim().to_string()),
         serde_json::Value::Number(n) => Some(n.to_string()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_the_prefix_and_the_counter_in_hex() {
+        for prefix in [0, 0x5cb7_0788, u32::MAX] {
+            let ids = RequestIds::with_prefix(prefix);
+            for n in [1, 9, 0xf, 0x10, 0xabc, 0x1234_5678_9abc, u64::MAX] {
+                ids.next.store(n, Ordering::Relaxed);
+                assert_eq!(ids.next(), format!("{prefix:08x}-{n:x}").as_str());
+            }
+        }
+        let ids = RequestIds::new();
+        assert_ne!(ids.next(), ids.next(), "each id is new");
     }
 }

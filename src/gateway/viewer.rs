@@ -140,7 +140,7 @@ impl Gateway {
         let mut out = self.engine.prepare(
             ctx,
             Origin::Ehr,
-            conn.peer.ip(),
+            &conn.peer_ip,
             self.engine.client_request(req),
         );
         if vault {

@@ -2,8 +2,6 @@
 //! for (client copies always removed, ehrgate's own value inserted), and HTTP/2 to
 //! HTTP/1.1 folding.
 
-use std::net::IpAddr;
-
 use http::header::{self, HeaderName, HeaderValue};
 use http::HeaderMap;
 
@@ -178,13 +176,11 @@ fn same_name(expected: &str, name: &str) -> bool {
 /// Sets the forwarded headers ehrgate vouches for.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    client_ip: IpAddr,
+    client_ip: &HeaderValue,
     original_host: &str,
     request_id: &HeaderValue,
 ) {
-    if let Ok(v) = HeaderValue::from_str(&client_ip.to_string()) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
+    headers.insert(X_FORWARDED_FOR.clone(), client_ip.clone());
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
     if let Ok(v) = HeaderValue::from_str(original_host) {
         headers.insert(X_FORWARDED_HOST.clone(), v);
@@ -290,7 +286,7 @@ mod tests {
         TrustedHeaders::new().strip(&mut h);
         set_forwarded(
             &mut h,
-            "127.0.0.1".parse().unwrap(),
+            &HeaderValue::from_static("127.0.0.1"),
             "emr.localhost:8443",
             &HeaderValue::from_static("r1"),
         );

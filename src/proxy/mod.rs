@@ -17,7 +17,6 @@ pub mod upgrade;
 pub mod upstream;
 
 use std::future::Future;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,8 +45,9 @@ pub struct Ctx {
     /// The request id, as sent upstream and to the client (cheap to clone).
     pub id_header: HeaderValue,
     pub started: Instant,
-    /// The client prefers JSON to HTML for error pages.
-    pub json: bool,
+    /// The client's `Accept`, kept to choose JSON or HTML for an error page only when
+    /// there is one.
+    pub accept: Option<HeaderValue>,
     /// The host the client named, port included.
     pub host: String,
     /// The request's path in canonical form (DESIGN §2), which every configured path is
@@ -63,6 +63,11 @@ pub struct Outbound {
 }
 
 impl Ctx {
+    /// The client prefers JSON to HTML for error pages.
+    pub fn wants_json(&self) -> bool {
+        crate::problem::prefers_json(self.accept.as_ref())
+    }
+
     /// The request id as text.
     pub fn id(&self) -> &str {
         self.id_header.to_str().unwrap_or_default()
@@ -127,7 +132,7 @@ impl Engine {
         &self,
         ctx: &Ctx,
         origin: Origin,
-        peer: IpAddr,
+        peer: &HeaderValue,
         mut req: Request<Body>,
     ) -> Outbound {
         let upgrade =

@@ -25,13 +25,27 @@ use crate::metrics::Metrics;
 use arc_swap::ArcSwap;
 use conn::ConnGuards;
 pub use conn::ConnLimits;
+use http::HeaderValue;
 
 /// What the server knows about the connection a request came on.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's address as `X-Forwarded-For` carries it, written once per connection
+    /// rather than once per request.
+    pub peer_ip: HeaderValue,
     /// The TLS SNI, lowercase; `None` when the client sent none (e.g. connected by IP).
     pub sni: Option<Box<str>>,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, sni: Option<Box<str>>) -> Self {
+        // An address's text is digits, dots, colons and hex letters: always a valid
+        // header value.
+        let peer_ip = HeaderValue::try_from(peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self { peer, peer_ip, sni }
+    }
 }
 
 /// What answers requests: given the connection's facts and the request, a response.
