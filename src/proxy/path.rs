@@ -150,6 +150,34 @@ pub fn canonical(raw: &str) -> Result<CanonicalPath, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute);
     }
+    if is_plain(raw) {
+        return Ok(CanonicalPath {
+            path: raw.to_owned(),
+            params: Vec::new(),
+        });
+    }
+    decode_and_resolve(raw)
+}
+
+/// A path already in canonical form, the common case: nothing to decode (`%`), no path
+/// parameters (`;`), no `\` or control character, and no empty, `.` or `..` segment (so
+/// no `//` and no trailing `/`). One pass over the bytes, where the full work splits,
+/// decodes and rebuilds every segment.
+fn is_plain(raw: &str) -> bool {
+    if raw == "/" {
+        return true;
+    }
+    raw[1..].split('/').all(|seg| {
+        !matches!(seg, "" | "." | "..")
+            && seg
+                .bytes()
+                .all(|b| !matches!(b, b'%' | b';' | b'\\' | 0..=0x1f | 0x7f))
+    })
+}
+
+/// The full canonicalisation: splits the segments, takes out their parameters, decodes
+/// and resolves `.` and `..`.
+fn decode_and_resolve(raw: &str) -> Result<CanonicalPath, PathError> {
     let mut segments: Vec<String> = Vec::new();
     let mut params = Vec::new();
     for seg in raw[1..].split('/') {
@@ -188,6 +216,35 @@ mod tests {
 
     fn c(p: &str) -> String {
         canonical(p).unwrap().path
+    }
+
+    #[test]
+    fn the_plain_path_shortcut_agrees_with_the_full_work_on_every_short_path() {
+        // Every path of up to 5 characters after the `/` over the characters the
+        // shortcut looks at, so each of its boundaries (`/.`, `/..`, `//`, a trailing
+        // `/`, `;`, `%`, `\`, a control character) is met.
+        let alphabet = ['/', '.', 'a', ';', '%', '\\', '\u{1}', '4'];
+        let mut paths = vec![String::from("/")];
+        let mut longest = paths.clone();
+        for _ in 0..5 {
+            longest = longest
+                .iter()
+                .flat_map(|p| alphabet.iter().map(move |ch| format!("{p}{ch}")))
+                .collect();
+            paths.extend(longest.iter().cloned());
+        }
+        for p in &paths {
+            let full = decode_and_resolve(p);
+            match canonical(p) {
+                Ok(c) => {
+                    let f = full.unwrap_or_else(|e| panic!("{p:?}: shortcut Ok, full {e:?}"));
+                    assert_eq!(c.as_str(), f.as_str(), "{p:?}");
+                    assert_eq!(c.params, f.params, "{p:?}");
+                }
+                Err(e) => assert_eq!(Err(e), full.map(|_| ()), "{p:?}"),
+            }
+        }
+        assert!(paths.len() > 30_000, "{} paths", paths.len());
     }
 
     #[test]
@@ -289,6 +346,21 @@ mod properties {
         #[test]
         fn never_panics_on_any_text(raw in "\\PC{0,64}") {
             let _ = canonical(&raw);
+        }
+
+        #[test]
+        fn the_plain_path_shortcut_agrees_with_the_full_work(
+            raw in "/[a-z./;%\\\\2Fe\x01\u{e9}=]{0,24}",
+        ) {
+            let full = decode_and_resolve(&raw);
+            match canonical(&raw) {
+                Ok(c) => {
+                    let f = full.unwrap();
+                    prop_assert_eq!(c.as_str(), f.as_str());
+                    prop_assert_eq!(&c.params, &f.params);
+                }
+                Err(e) => prop_assert_eq!(Err(e), full.map(|_| ())),
+            }
         }
 
         #[test]
