@@ -213,6 +213,7 @@ summary() {
     if [ "$t" = direct ]; then c="—"; fi
     log "| $t | $r | $c | $a | $b | $(ratio "$r" "$(m "${RPS[nginx]:-}")") | $( [ "$t" = direct ] && echo — || ratio "$c" "$(m "${CPU[nginx]:-}")") | $(ratio "$a" "$(m "${P50[nginx]:-}")") | $(ratio "$b" "$(m "${P99[nginx]:-}")") |"
   done
+  [ -n "${CPU[haproxy]:-}" ] || return 0
   log ""
   log "| against HAProxy | req/s ÷ haproxy | CPU ÷ haproxy | p50 ÷ haproxy | p99 ÷ haproxy |"
   log "| --- | --- | --- | --- | --- |"
