@@ -48,19 +48,26 @@ make_keys() {
   openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$WORK/signing.pem" 2>/dev/null
 }
 
+# nginx_head NAME: the start of an nginx configuration with one worker, its pid in
+# $WORK/NAME.pid and its errors in $WORK/NAME.err, open at the http block.
+nginx_head() {
+  cat <<CONF
+worker_processes 1;
+pid $WORK/$1.pid;
+error_log $WORK/$1.err warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+CONF
+}
+
 # start_upstream PORT CPU: the EMR and the viewer as one nginx with fixed answers
 # (whoami, demographics, the viewer's launch and logout, a 512-byte page), plain HTTP,
 # on loopback, pinned to CPU. Its pid is in $WORK/upstream.pid.
 start_upstream() {
   local body
   body=$(head -c 512 /dev/zero | tr '\0' 'x')
-  cat > "$WORK/upstream.conf" <<CONF
-worker_processes 1;
-pid $WORK/upstream.pid;
-error_log $WORK/upstream.err warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
+  { nginx_head upstream; cat <<CONF
   keepalive_requests 1000000;
   server {
     listen 127.0.0.1:$1;
@@ -72,6 +79,7 @@ http {
   }
 }
 CONF
+  } > "$WORK/upstream.conf"
   taskset -c "$2" nginx -p "$WORK" -c "$WORK/upstream.conf"
 }
 
@@ -79,13 +87,7 @@ CONF
 # make_keys and proxying with keep-alive to the fixed upstream on $UP_PORT, one worker on
 # CPU $PROXY_CPU. Its master's pid is in $WORK/proxy.pid.
 start_nginx_proxy() {
-  cat > "$WORK/proxy.conf" <<EOF
-worker_processes 1;
-pid $WORK/proxy.pid;
-error_log $WORK/proxy.err warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
+  { nginx_head proxy; cat <<EOF
   upstream up { server 127.0.0.1:$UP_PORT; keepalive 128; }
   server {
     listen 127.0.0.1:$1 ssl http2;
@@ -106,6 +108,7 @@ http {
   }
 }
 EOF
+  } > "$WORK/proxy.conf"
   taskset -c "$PROXY_CPU" nginx -p "$WORK" -c "$WORK/proxy.conf"
 }
 
