@@ -339,7 +339,11 @@ async fn drive<C: GracefulConn>(
         let event = {
             // Shutdown and the two deadlines are rarely ready, while the connection's
             // task wakes several times a request: they are polled only when one of them
-            // woke it (see `WokenOnly`).
+            // woke it (see `WokenOnly`). They go first, while the task still has its
+            // cooperative budget: a connection whose socket is always ready (a client
+            // streaming frames while it reads nothing) uses all of it on every poll,
+            // and would otherwise leave them never polled, never cut at `send_timeout`
+            // and deaf to shutdown.
             let rare = std::pin::pin!(async {
                 tokio::select! {
                     _ = crate::shutdown::signalled(&mut shutdown), if !closing => Event::Shutdown,
@@ -349,8 +353,8 @@ async fn drive<C: GracefulConn>(
             });
             tokio::select! {
                 biased;
-                res = conn.as_mut() => Event::Ended(res),
                 event = WokenOnly::new(rare) => event,
+                res = conn.as_mut() => Event::Ended(res),
             }
         };
         match event {
@@ -539,7 +543,7 @@ mod tests {
     }
 
     #[test]
-    fn a_wake_between_polls_of_another_task_waker_is_not_lost() {
+    fn after_the_task_waker_changes_a_wake_reaches_the_newest() {
         let probe = Arc::new(Probe::default());
         let first = Arc::new(TaskWakes::default());
         let second = Arc::new(TaskWakes::default());
@@ -560,6 +564,78 @@ mod tests {
             1,
             "the latest waker is woken"
         );
+    }
+
+    /// A connection whose socket is always ready: each poll spends the task's whole
+    /// cooperative budget (as reading an endless stream of frames does), then yields.
+    struct AlwaysReady(Arc<tokio::sync::Notify>);
+
+    impl Future for AlwaysReady {
+        type Output = Result<(), hyper::Error>;
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            loop {
+                match tokio::task::coop::poll_proceed(cx) {
+                    Poll::Ready(progress) => progress.made_progress(),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        }
+    }
+
+    impl GracefulConn for AlwaysReady {
+        fn begin_shutdown(self: Pin<&mut Self>) {
+            self.0.notify_one();
+        }
+    }
+
+    fn short_limits() -> ConnLimits {
+        ConnLimits {
+            tls_handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_millis(50),
+            send_timeout: Duration::from_millis(50),
+            max_header_bytes: 1024,
+            h1_buffer_bytes: 1024,
+            stream_buffer_bytes: 1024,
+            max_streams: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_always_ready_is_still_cut_at_send_timeout() {
+        let activity = Activity::new();
+        // A response is waiting on a client that takes none of it.
+        activity.in_flight.store(1, Ordering::Relaxed);
+        activity.waiting_on_client.store(1, Ordering::Relaxed);
+        let (_tx, rx) = watch::channel(false);
+        let conn = AlwaysReady(Arc::default());
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            drive(conn, &activity, &short_limits(), rx),
+        )
+        .await
+        .expect("the connection ended at send_timeout");
+    }
+
+    #[tokio::test]
+    async fn a_connection_always_ready_still_hears_shutdown() {
+        let shutdown_begun = Arc::new(tokio::sync::Notify::new());
+        let conn = AlwaysReady(shutdown_begun.clone());
+        let (tx, rx) = watch::channel(false);
+        let driving = tokio::spawn(async move {
+            let activity = Activity::new();
+            activity.in_flight.store(1, Ordering::Relaxed);
+            let limits = ConnLimits {
+                send_timeout: Duration::from_secs(3600),
+                ..short_limits()
+            };
+            drive(conn, &activity, &limits, rx).await;
+        });
+        tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), shutdown_begun.notified())
+            .await
+            .expect("the connection was told to close gracefully");
+        driving.abort();
     }
 
     #[tokio::test]
