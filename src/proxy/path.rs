@@ -184,6 +184,9 @@ fn decode_and_resolve(raw: &str) -> Result<CanonicalPath, PathError> {
         let mut parts = seg.split(';');
         let name = parts.next().unwrap_or_default();
         for p in parts.filter(|p| !p.is_empty()) {
+            // A parameter is part of the path too (DESIGN §2): what is refused in a
+            // segment (`\`, a control character, `%2F`, a bad escape) is refused in it.
+            decode_segment(p, &mut String::new())?;
             let (n, v) = p.split_once('=').unwrap_or((p, ""));
             params.push((n.to_owned(), v.to_owned()));
         }
@@ -306,6 +309,12 @@ mod tests {
             ("/..", PathError::AboveRoot),
             ("/a/../..", PathError::AboveRoot),
             ("/..;x/a", PathError::AboveRoot),
+            ("/oscar/logout.jsp;x=\\", PathError::Backslash),
+            ("/a;x=%2F/b", PathError::EncodedSlash),
+            ("/a;%00", PathError::Control),
+            ("/a;x=%5c", PathError::Backslash),
+            ("/a;x=\u{1}", PathError::Control),
+            ("/a;jsessionid=%zz", PathError::BadEscape),
             ("oscar/logout.jsp", PathError::NotAbsolute),
             ("", PathError::NotAbsolute),
         ] {

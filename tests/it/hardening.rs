@@ -137,6 +137,11 @@ async fn paths_no_upstream_should_see_are_refused() {
         "/oscar/%00",
         "/oscar/%zz",
         "/../oscar/logout.jsp",
+        // The same inside a path parameter, which Tomcat strips but DESIGN §2 still
+        // counts as part of the path.
+        "/oscar/logout.jsp;x=%5C",
+        "/oscar/logout.jsp;x=%2F",
+        "/oscar/logout.jsp;jsessionid=%00",
     ] {
         let r = browser.emr_get(path).await;
         assert_eq!(r.status, 400, "{path}: {}", r.text());
